@@ -1,0 +1,539 @@
+#include "block_manager.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <unordered_set>
+
+namespace pagedserve {
+namespace {
+
+constexpr uint64_t kRootHash = 0x9e3779b97f4a7c15ULL;
+
+uint64_t mix(uint64_t x) {  // splitmix64 finalizer: cheap, well distributed
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+std::string seq_name(SeqId seq) { return "sequence " + std::to_string(seq); }
+
+}  // namespace
+
+BlockManager::BlockManager(int32_t num_gpu_blocks, int32_t num_cpu_blocks, int32_t block_size,
+                           bool enable_prefix_caching, double watermark, int64_t vocab_size,
+                           int hash_bits)
+    : block_size_(block_size),
+      enable_prefix_caching_(enable_prefix_caching),
+      vocab_size_(vocab_size),
+      gpu_free_(std::max(num_gpu_blocks, 0)) {
+  if (num_gpu_blocks <= 0) throw std::invalid_argument("num_gpu_blocks must be > 0");
+  if (num_cpu_blocks < 0) throw std::invalid_argument("num_cpu_blocks must be >= 0");
+  if (block_size <= 0) throw std::invalid_argument("block_size must be > 0");
+  if (!(watermark >= 0.0 && watermark < 1.0))
+    throw std::invalid_argument("watermark must be in [0, 1)");
+  if (hash_bits < 1 || hash_bits > 64) throw std::invalid_argument("hash_bits must be in [1, 64]");
+  watermark_blocks_ = static_cast<int32_t>(std::floor(watermark * num_gpu_blocks));
+  hash_mask_ = hash_bits == 64 ? ~0ULL : ((1ULL << hash_bits) - 1);
+  gpu_.resize(num_gpu_blocks);
+  cpu_.resize(num_cpu_blocks);
+  // Popped from the back: block 0 is handed out first, which keeps ids predictable.
+  for (BlockId id = num_cpu_blocks - 1; id >= 0; --id) cpu_free_.push_back(id);
+}
+
+// ---------------------------------------------------------------- helpers ----
+
+Sequence& BlockManager::seq_or_throw(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) throw std::invalid_argument("unknown " + seq_name(seq));
+  return it->second;
+}
+
+const Sequence& BlockManager::seq_or_throw(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) throw std::invalid_argument("unknown " + seq_name(seq));
+  return it->second;
+}
+
+void BlockManager::check_tokens(const std::vector<TokenId>& token_ids) const {
+  for (size_t i = 0; i < token_ids.size(); ++i) {
+    TokenId t = token_ids[i];
+    if (t < 0 || (vocab_size_ > 0 && t >= vocab_size_))
+      throw std::invalid_argument("token id " + std::to_string(t) + " at position " +
+                                  std::to_string(i) + " is out of range [0, " +
+                                  std::to_string(vocab_size_ > 0 ? vocab_size_ : INT32_MAX) + ")");
+  }
+}
+
+uint64_t BlockManager::chain_hash(uint64_t parent_hash, uint64_t salt, const TokenId* tokens) const {
+  uint64_t h = mix(parent_hash ^ mix(salt));
+  for (int32_t i = 0; i < block_size_; ++i) h = mix(h ^ static_cast<uint32_t>(tokens[i]));
+  return h & hash_mask_;
+}
+
+const Block* BlockManager::previous_block(const Sequence& s, size_t index) const {
+  if (index == 0) return nullptr;
+  const auto& pool = s.device == Device::kGpu ? gpu_ : cpu_;
+  return &pool[s.table[index - 1]];
+}
+
+std::optional<BlockId> BlockManager::find_cached(uint64_t hash, const Block& like) const {
+  auto range = cache_.equal_range(hash);
+  for (auto it = range.first; it != range.second; ++it) {
+    const Block& b = gpu_[it->second];
+    if (b.salt == like.salt && b.parent_content_id == like.parent_content_id &&
+        b.tokens == like.tokens)
+      return it->second;
+  }
+  return std::nullopt;
+}
+
+std::vector<BlockId> BlockManager::match_prefix(const std::vector<TokenId>& token_ids,
+                                                uint64_t salt) const {
+  std::vector<BlockId> hits;
+  if (!enable_prefix_caching_) return hits;
+  // At least one prompt token is always computed: the model needs its logits.
+  size_t max_hits = token_ids.empty() ? 0 : (token_ids.size() - 1) / block_size_;
+  Block probe;
+  probe.salt = salt;
+  uint64_t parent_hash = kRootHash;
+  for (size_t i = 0; i < max_hits; ++i) {
+    const TokenId* first = token_ids.data() + i * block_size_;
+    probe.tokens.assign(first, first + block_size_);
+    uint64_t h = chain_hash(parent_hash, salt, first);
+    auto hit = find_cached(h, probe);
+    if (!hit) break;
+    hits.push_back(*hit);
+    parent_hash = h;
+    probe.parent_content_id = gpu_[*hit].content_id;
+  }
+  return hits;
+}
+
+int32_t BlockManager::blocks_needed(const std::vector<TokenId>& token_ids, uint64_t salt) const {
+  int64_t total = (static_cast<int64_t>(token_ids.size()) + block_size_ - 1) / block_size_;
+  int64_t needed = total;
+  for (BlockId id : match_prefix(token_ids, salt))
+    if (gpu_[id].ref_count > 0) --needed;  // shared with a live sequence: costs nothing
+  return static_cast<int32_t>(std::min<int64_t>(needed, INT32_MAX));
+}
+
+BlockId BlockManager::take_gpu_block() {
+  if (gpu_free_.size() == 0) throw std::runtime_error("out of GPU blocks (check can_* first)");
+  BlockId id = gpu_free_.pop_front();
+  if (gpu_[id].cached) uncache(id);  // evict: its KV is about to be overwritten
+  gpu_[id] = Block{};
+  gpu_[id].ref_count = 1;
+  return id;
+}
+
+void BlockManager::acquire_gpu(BlockId id) {
+  if (gpu_[id].ref_count++ == 0) gpu_free_.remove(id);
+}
+
+void BlockManager::release_gpu(BlockId id) {
+  Block& b = gpu_[id];
+  if (--b.ref_count > 0) return;
+  if (b.cached) {
+    gpu_free_.push_back(id);  // still names reusable KV: evict it last
+  } else {
+    gpu_free_.push_front(id);
+  }
+}
+
+BlockId BlockManager::take_cpu_block() {
+  if (cpu_free_.empty()) throw std::runtime_error("out of CPU blocks (check can_swap_out first)");
+  BlockId id = cpu_free_.back();
+  cpu_free_.pop_back();
+  cpu_[id] = Block{};
+  cpu_[id].ref_count = 1;
+  return id;
+}
+
+void BlockManager::release_cpu(BlockId id) {
+  if (--cpu_[id].ref_count == 0) {
+    cpu_[id] = Block{};
+    cpu_free_.push_back(id);
+  }
+}
+
+void BlockManager::uncache(BlockId id) {
+  auto range = cache_.equal_range(gpu_[id].hash);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == id) {
+      cache_.erase(it);
+      break;
+    }
+  }
+  gpu_[id].cached = false;
+}
+
+void BlockManager::append_token(Block& block, TokenId token) {
+  block.tokens.push_back(token);
+  ++block.num_tokens;
+}
+
+void BlockManager::seal_if_full(const Sequence& s, size_t index) {
+  auto& pool = s.device == Device::kGpu ? gpu_ : cpu_;
+  BlockId id = s.table[index];
+  Block& b = pool[id];
+  if (b.num_tokens != block_size_) return;
+  const Block* parent = previous_block(s, index);
+  b.salt = s.salt;
+  b.parent_content_id = parent ? parent->content_id : 0;
+  b.content_id = next_content_id_++;
+  if (!enable_prefix_caching_ || s.device != Device::kGpu) return;
+  b.hash = chain_hash(parent ? parent->hash : kRootHash, s.salt, b.tokens.data());
+  // Two sequences may compute the same block before either is cached; keep the first.
+  if (!find_cached(b.hash, b)) {
+    cache_.emplace(b.hash, id);
+    b.cached = true;
+  }
+}
+
+// -------------------------------------------------------------- admission ----
+
+bool BlockManager::can_allocate(const std::vector<TokenId>& token_ids, uint64_t salt) const {
+  return num_free_gpu_blocks() - blocks_needed(token_ids, salt) >= watermark_blocks_;
+}
+
+int64_t BlockManager::allocate(SeqId seq, const std::vector<TokenId>& token_ids, uint64_t salt) {
+  if (seqs_.count(seq)) throw std::invalid_argument(seq_name(seq) + " is already allocated");
+  if (token_ids.empty()) throw std::invalid_argument("token_ids must not be empty");
+  check_tokens(token_ids);
+  if (blocks_needed(token_ids, salt) > num_free_gpu_blocks())
+    throw std::runtime_error("out of GPU blocks for " + seq_name(seq) + " (check can_allocate first)");
+
+  std::vector<BlockId> hits = match_prefix(token_ids, salt);
+  Sequence s;
+  s.salt = salt;
+  for (BlockId id : hits) {
+    acquire_gpu(id);  // before taking new blocks, so they cannot evict a hit
+    s.table.push_back(id);
+  }
+  s.num_tokens = static_cast<int64_t>(hits.size()) * block_size_;
+  for (size_t pos = s.num_tokens; pos < token_ids.size(); ++pos) {
+    if (pos % block_size_ == 0) s.table.push_back(take_gpu_block());
+    append_token(gpu_[s.table.back()], token_ids[pos]);
+    ++s.num_tokens;
+    if ((pos + 1) % block_size_ == 0) seal_if_full(s, s.table.size() - 1);
+  }
+  int64_t cached_tokens = static_cast<int64_t>(hits.size()) * block_size_;
+  stats_.prefix_cache_queries += static_cast<int64_t>(token_ids.size());
+  stats_.prefix_cache_hits += cached_tokens;
+  seqs_.emplace(seq, std::move(s));
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
+  return cached_tokens;
+}
+
+// ----------------------------------------------------------------- decode ----
+
+bool BlockManager::can_append(SeqId seq) const {
+  const Sequence& s = seq_or_throw(seq);
+  if (s.device != Device::kGpu) return false;
+  bool needs_block = s.num_tokens % block_size_ == 0 || gpu_[s.table.back()].ref_count > 1;
+  return !needs_block || num_free_gpu_blocks() > 0;
+}
+
+std::optional<BlockPair> BlockManager::append_slot(SeqId seq, TokenId token) {
+  Sequence& s = seq_or_throw(seq);
+  if (s.device != Device::kGpu)
+    throw std::invalid_argument(seq_name(seq) + " is swapped out; swap it in before appending");
+  check_tokens({token});
+  std::optional<BlockPair> copy;
+  if (s.num_tokens % block_size_ == 0) {
+    s.table.push_back(take_gpu_block());
+  } else if (gpu_[s.table.back()].ref_count > 1) {
+    // Copy-on-write: the partly filled last block is shared (a fork); writing into it
+    // would change what the other holders see.
+    BlockId src = s.table.back();
+    BlockId dst = take_gpu_block();
+    gpu_[dst].tokens = gpu_[src].tokens;
+    gpu_[dst].num_tokens = gpu_[src].num_tokens;
+    release_gpu(src);
+    s.table.back() = dst;
+    copy = BlockPair{src, dst};
+  }
+  append_token(gpu_[s.table.back()], token);
+  ++s.num_tokens;
+  seal_if_full(s, s.table.size() - 1);
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
+  return copy;
+}
+
+std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs,
+                                                  const std::vector<TokenId>& tokens) {
+  if (seqs.size() != tokens.size())
+    throw std::invalid_argument("seq_ids and token_ids must have the same length");
+  // Count exactly the blocks this step takes, so it either fits whole or changes nothing.
+  // k holders of one shared partial block that all append need k-1 copies when they
+  // are all of its holders (the last one writes in place), k otherwise.
+  std::unordered_set<SeqId> seen;
+  std::unordered_map<BlockId, int32_t> appenders_of_shared;
+  int64_t needed = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& s = seq_or_throw(seqs[i]);
+    if (!seen.insert(seqs[i]).second)
+      throw std::invalid_argument(seq_name(seqs[i]) + " appears twice in one append_slots call");
+    if (s.device != Device::kGpu)
+      throw std::invalid_argument(seq_name(seqs[i]) + " is swapped out; swap it in before appending");
+    if (s.num_tokens % block_size_ == 0) {
+      ++needed;
+    } else if (gpu_[s.table.back()].ref_count > 1) {
+      ++appenders_of_shared[s.table.back()];
+    }
+  }
+  for (const auto& [block, k] : appenders_of_shared)
+    needed += (k == gpu_[block].ref_count) ? k - 1 : k;
+  if (needed > num_free_gpu_blocks())
+    throw std::runtime_error("out of GPU blocks for this decode step (check can_append first)");
+  check_tokens(tokens);
+
+  std::vector<BlockPair> copies;
+  for (size_t i = 0; i < seqs.size(); ++i)
+    if (auto c = append_slot(seqs[i], tokens[i])) copies.push_back(*c);
+  return copies;
+}
+
+// ---------------------------------------------------- sharing and release ----
+
+void BlockManager::fork(SeqId parent, SeqId child) {
+  const Sequence& p = seq_or_throw(parent);
+  if (seqs_.count(child)) throw std::invalid_argument("cannot fork onto " + seq_name(child) + ": it already exists");
+  Sequence c = p;
+  for (BlockId id : c.table) {
+    if (c.device == Device::kGpu) {
+      acquire_gpu(id);
+    } else {
+      ++cpu_[id].ref_count;
+    }
+  }
+  seqs_.emplace(child, std::move(c));
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
+}
+
+void BlockManager::free(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end())
+    throw std::invalid_argument("cannot free unknown " + seq_name(seq) + " (double free?)");
+  const Sequence& s = it->second;
+  // Tail first: within a chain the tail then sits nearer the front of the eviction queue.
+  for (auto b = s.table.rbegin(); b != s.table.rend(); ++b) {
+    if (s.device == Device::kGpu) {
+      release_gpu(*b);
+    } else {
+      release_cpu(*b);
+    }
+  }
+  seqs_.erase(it);
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
+}
+
+// ------------------------------------------------------------------- swap ----
+
+std::vector<BlockId> BlockManager::distinct_blocks(const std::vector<SeqId>& seqs, Device device) const {
+  std::vector<BlockId> out;
+  std::unordered_set<BlockId> seen;
+  std::unordered_set<SeqId> seen_seqs;
+  for (SeqId seq : seqs) {
+    const Sequence& s = seq_or_throw(seq);
+    if (!seen_seqs.insert(seq).second)
+      throw std::invalid_argument(seq_name(seq) + " is listed twice");
+    if (s.device != device)
+      throw std::invalid_argument(seq_name(seq) + (device == Device::kGpu ? " is not on the GPU" : " is not swapped out"));
+    for (BlockId id : s.table)
+      if (seen.insert(id).second) out.push_back(id);
+  }
+  return out;
+}
+
+bool BlockManager::can_swap_out(const std::vector<SeqId>& seqs) const {
+  return static_cast<int64_t>(distinct_blocks(seqs, Device::kGpu).size()) <= num_free_cpu_blocks();
+}
+
+std::vector<BlockPair> BlockManager::swap_out(const std::vector<SeqId>& seqs) {
+  std::vector<BlockId> blocks = distinct_blocks(seqs, Device::kGpu);
+  if (static_cast<int64_t>(blocks.size()) > num_free_cpu_blocks())
+    throw std::runtime_error("out of CPU blocks for swap_out (check can_swap_out first)");
+  // A block shared by several of these sequences moves once and stays shared.
+  std::unordered_map<BlockId, BlockId> to_cpu;
+  std::vector<BlockPair> mapping;
+  for (BlockId g : blocks) {
+    BlockId c = take_cpu_block();
+    Block moved = gpu_[g];
+    moved.cached = false;
+    moved.ref_count = 0;
+    cpu_[c] = std::move(moved);
+    to_cpu[g] = c;
+    mapping.emplace_back(g, c);
+  }
+  for (SeqId seq : seqs) {
+    Sequence& s = seqs_.at(seq);
+    for (auto b = s.table.rbegin(); b != s.table.rend(); ++b) {
+      BlockId g = *b;
+      *b = to_cpu[g];
+      ++cpu_[*b].ref_count;
+      release_gpu(g);  // a cached GPU copy stays reusable until evicted
+    }
+    s.device = Device::kCpu;
+  }
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
+  return mapping;
+}
+
+bool BlockManager::can_swap_in(const std::vector<SeqId>& seqs) const {
+  std::unordered_set<BlockId> revived;
+  int64_t needed = 0;
+  for (BlockId c : distinct_blocks(seqs, Device::kCpu)) {
+    const Block& b = cpu_[c];
+    auto hit = b.content_id && enable_prefix_caching_ ? find_cached(b.hash, b) : std::nullopt;
+    if (!hit) {
+      ++needed;
+    } else if (gpu_[*hit].ref_count == 0 && revived.insert(*hit).second) {
+      ++needed;  // a free cached block leaves the free queue
+    }
+  }
+  return num_free_gpu_blocks() - needed >= watermark_blocks_;
+}
+
+std::vector<BlockPair> BlockManager::swap_in(const std::vector<SeqId>& seqs) {
+  std::vector<BlockId> blocks = distinct_blocks(seqs, Device::kCpu);
+  // The GPU may still hold some of this very content, cached: reuse it instead of copying.
+  // Two CPU blocks may hold the same content and so hit the same GPU block.
+  std::unordered_map<BlockId, BlockId> to_gpu;
+  std::unordered_set<BlockId> holds_first_ref;
+  int64_t needed = 0;
+  for (BlockId c : blocks) {
+    const Block& b = cpu_[c];
+    auto hit = b.content_id && enable_prefix_caching_ ? find_cached(b.hash, b) : std::nullopt;
+    if (!hit) {
+      ++needed;
+      continue;
+    }
+    to_gpu[c] = *hit;
+    if (holds_first_ref.insert(*hit).second && gpu_[*hit].ref_count == 0) ++needed;
+  }
+  if (needed > num_free_gpu_blocks())
+    throw std::runtime_error("out of GPU blocks for swap_in (check can_swap_in first)");
+  for (BlockId g : holds_first_ref) acquire_gpu(g);  // pin hits before taking fresh blocks
+  std::vector<BlockPair> mapping;
+  for (BlockId c : blocks) {
+    if (to_gpu.count(c)) continue;
+    BlockId g = take_gpu_block();
+    gpu_[g] = cpu_[c];
+    gpu_[g].ref_count = 1;
+    to_gpu[c] = g;
+    mapping.emplace_back(c, g);
+  }
+  // Each block above already counts one holder; the other holders acquire it here.
+  for (const auto& [c, g] : mapping) holds_first_ref.insert(g);
+  for (SeqId seq : seqs) {
+    Sequence& s = seqs_.at(seq);
+    for (BlockId& b : s.table) {
+      BlockId c = b;
+      b = to_gpu[c];
+      if (holds_first_ref.erase(b) == 0) acquire_gpu(b);
+      release_cpu(c);
+    }
+    s.device = Device::kGpu;
+  }
+  // Copied-in full blocks become prefix-cache entries again.
+  if (enable_prefix_caching_) {
+    for (const auto& [c, g] : mapping) {
+      Block& b = gpu_[g];
+      if (b.content_id && !find_cached(b.hash, b)) {
+        cache_.emplace(b.hash, g);
+        b.cached = true;
+      }
+    }
+  }
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
+  return mapping;
+}
+
+// ------------------------------------------------------------- inspection ----
+
+const std::vector<BlockId>& BlockManager::block_table(SeqId seq) const { return seq_or_throw(seq).table; }
+int64_t BlockManager::num_tokens(SeqId seq) const { return seq_or_throw(seq).num_tokens; }
+Device BlockManager::device_of(SeqId seq) const { return seq_or_throw(seq).device; }
+
+std::vector<SeqId> BlockManager::seq_ids() const {
+  std::vector<SeqId> ids;
+  ids.reserve(seqs_.size());
+  for (const auto& kv : seqs_) ids.push_back(kv.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+int32_t BlockManager::ref_count(BlockId block, Device device) const {
+  const auto& pool = device == Device::kGpu ? gpu_ : cpu_;
+  if (block < 0 || block >= static_cast<BlockId>(pool.size()))
+    throw std::invalid_argument("block id " + std::to_string(block) + " is out of range");
+  return pool[block].ref_count;
+}
+
+double BlockManager::usage() const {
+  return 1.0 - static_cast<double>(num_free_gpu_blocks()) / num_gpu_blocks();
+}
+
+double BlockManager::utilization() const {
+  int64_t used = 0, filled = 0;
+  for (const Block& b : gpu_) {
+    if (b.ref_count == 0) continue;
+    ++used;
+    filled += b.num_tokens;
+  }
+  return used ? static_cast<double>(filled) / (static_cast<double>(used) * block_size_) : 0.0;
+}
+
+void BlockManager::check_invariants() const {
+  auto fail = [](const std::string& what) { throw InvariantViolation("block manager invariant: " + what); };
+  std::vector<int32_t> gpu_refs(gpu_.size(), 0), cpu_refs(cpu_.size(), 0);
+  for (const auto& [id, s] : seqs_) {
+    auto& refs = s.device == Device::kGpu ? gpu_refs : cpu_refs;
+    const auto& pool = s.device == Device::kGpu ? gpu_ : cpu_;
+    int64_t want_blocks = (s.num_tokens + block_size_ - 1) / block_size_;
+    if (static_cast<int64_t>(s.table.size()) != want_blocks) fail(seq_name(id) + " has a table of the wrong length");
+    for (size_t i = 0; i < s.table.size(); ++i) {
+      BlockId b = s.table[i];
+      if (b < 0 || b >= static_cast<BlockId>(pool.size())) fail(seq_name(id) + " holds an out-of-range block");
+      ++refs[b];
+      int64_t want = std::min<int64_t>(block_size_, s.num_tokens - static_cast<int64_t>(i) * block_size_);
+      if (pool[b].num_tokens != want || static_cast<int64_t>(pool[b].tokens.size()) != want)
+        fail("block " + std::to_string(b) + " of " + seq_name(id) + " has the wrong token count");
+    }
+  }
+  for (size_t b = 0; b < gpu_.size(); ++b) {
+    if (gpu_[b].ref_count != gpu_refs[b]) fail("GPU block " + std::to_string(b) + " ref count != table references");
+    if ((gpu_[b].ref_count == 0) != gpu_free_.contains(static_cast<BlockId>(b)))
+      fail("GPU block " + std::to_string(b) + " is neither free nor referenced (or both)");
+  }
+  for (size_t b = 0; b < cpu_.size(); ++b)
+    if (cpu_[b].ref_count != cpu_refs[b]) fail("CPU block " + std::to_string(b) + " ref count != table references");
+  int64_t cpu_free = std::count_if(cpu_.begin(), cpu_.end(), [](const Block& b) { return b.ref_count == 0; });
+  if (cpu_free != static_cast<int64_t>(cpu_free_.size())) fail("CPU free list size != unreferenced CPU blocks");
+  size_t cached = 0;
+  for (size_t b = 0; b < gpu_.size(); ++b) {
+    if (!gpu_[b].cached) continue;
+    ++cached;
+    if (gpu_[b].num_tokens != block_size_) fail("a cached block is not full");
+  }
+  if (cached != cache_.size()) fail("prefix cache entries != blocks marked cached");
+  for (const auto& [h, b] : cache_)
+    if (!gpu_[b].cached || gpu_[b].hash != h) fail("prefix cache entry points at the wrong block");
+}
+
+}  // namespace pagedserve
