@@ -1,0 +1,6 @@
+// Every kernel, for the run-time loader: NVRTC compiles this one file and
+// instantiates templates by name expression (e.g. "ps::paged_decode_kernel<2,128,4>").
+#pragma once
+#include "cache_ops.cuh"
+#include "decode.cuh"
+#include "prefill.cuh"

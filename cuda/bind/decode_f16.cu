@@ -1,0 +1,5 @@
+#include "decode_launch.cuh"
+
+namespace pscuda {
+template void decode_dtype<ps::DT_F16>(const DecodeArgs &);
+}

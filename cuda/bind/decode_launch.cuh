@@ -1,0 +1,49 @@
+// Decode launcher for one dtype; decode_<dtype>.cu instantiate it so the three
+// dtypes compile in parallel.
+#pragma once
+#include <type_traits>
+
+#include "../decode.cuh"
+#include "launch_util.cuh"
+
+namespace pscuda {
+
+template <int DT>
+void decode_dtype(const DecodeArgs &a) {
+  using T = typename ps::Elem<DT>::T;
+  const int bs_log2 = log2_exact(a.block_size, "block_size");
+  const int G = a.num_heads / a.num_kv_heads;
+  auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  with_head_size(a.head_size, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    auto go = [&](auto qc) {
+      constexpr int QPB = decltype(qc)::value;
+      const dim3 grid(a.num_kv_heads * ((G + QPB - 1) / QPB), a.num_seqs, a.nparts);
+      ps::paged_decode_kernel<DT, D, QPB><<<grid, 128, 0, stream>>>(
+          reinterpret_cast<T *>(a.out), reinterpret_cast<float *>(a.part_out),
+          reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
+          reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
+          reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
+          reinterpret_cast<const int *>(a.context_lens), a.num_heads, a.num_kv_heads, bs_log2,
+          a.scale, a.part_tokens);
+    };
+    switch (a.qpb) {
+      case 1: go(std::integral_constant<int, 1>()); break;
+      case 2: go(std::integral_constant<int, 2>()); break;
+      case 4: go(std::integral_constant<int, 4>()); break;
+      case 8: go(std::integral_constant<int, 8>()); break;
+      default: unsupported("qpb", a.qpb);
+    }
+  });
+  check_launch("paged_decode_kernel");
+  if (a.nparts > 1) {
+    const dim3 grid(a.num_heads, a.num_seqs);
+    ps::paged_decode_reduce_kernel<DT><<<grid, 128, a.nparts * sizeof(float), stream>>>(
+        reinterpret_cast<T *>(a.out), reinterpret_cast<const float *>(a.part_out),
+        reinterpret_cast<const float *>(a.part_ml), reinterpret_cast<const int *>(a.context_lens),
+        a.num_heads, a.head_size, a.part_tokens, a.nparts);
+    check_launch("paged_decode_reduce_kernel");
+  }
+}
+
+}  // namespace pscuda

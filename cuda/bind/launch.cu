@@ -1,0 +1,80 @@
+// Entry points that dispatch on dtype, plus the prefill and cache-op launchers.
+#include "../cache_ops.cuh"
+#include "../prefill.cuh"
+#include "launch_util.cuh"
+
+namespace pscuda {
+
+template <int DT> void decode_dtype(const DecodeArgs &a);
+
+void decode(const DecodeArgs &a) {
+  switch (a.dtype) {
+    case ps::DT_F32: decode_dtype<ps::DT_F32>(a); break;
+    case ps::DT_F16: decode_dtype<ps::DT_F16>(a); break;
+    case ps::DT_BF16: decode_dtype<ps::DT_BF16>(a); break;
+    default: unsupported("dtype code", a.dtype);
+  }
+}
+
+template <int DT>
+static void prefill_dtype(const PrefillArgs &a) {
+  using T = typename ps::Elem<DT>::T;
+  const int bs_log2 = log2_exact(a.block_size, "block_size");
+  const int G = a.num_heads / a.num_kv_heads;
+  auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  with_head_size(a.head_size, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    constexpr int smem = ps::prefill_smem_bytes(D);
+    auto kernel = ps::paged_prefill_kernel<DT, D>;
+    if (smem > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) throw std::runtime_error(std::string("prefill smem: ") + cudaGetErrorString(err));
+    }
+    // Upper bound on the tiles of all sequences; surplus CTAs exit at once.
+    const int rows = ps::PrefillShape::ROWS;
+    const dim3 grid((a.num_tokens * G + rows - 1) / rows + a.num_seqs, a.num_kv_heads);
+    kernel<<<grid, 128, smem, stream>>>(
+        reinterpret_cast<T *>(a.out), reinterpret_cast<const T *>(a.q), a.q_stride,
+        reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
+        reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
+        reinterpret_cast<const int *>(a.query_start_loc), reinterpret_cast<const int *>(a.context_lens),
+        a.num_seqs, a.num_heads, a.num_kv_heads, bs_log2, a.scale);
+  });
+  check_launch("paged_prefill_kernel");
+}
+
+void prefill(const PrefillArgs &a) {
+  if (a.num_tokens == 0) return;
+  switch (a.dtype) {
+    case ps::DT_F32: prefill_dtype<ps::DT_F32>(a); break;
+    case ps::DT_F16: prefill_dtype<ps::DT_F16>(a); break;
+    case ps::DT_BF16: prefill_dtype<ps::DT_BF16>(a); break;
+    default: unsupported("dtype code", a.dtype);
+  }
+}
+
+void write_kv(ptr key, ptr value, ptr key_cache, ptr value_cache, ptr slot_mapping,
+              std::int64_t key_stride, std::int64_t value_stride, int num_tokens,
+              int num_kv_heads, int row_bytes, int block_size, ptr stream) {
+  if (num_tokens == 0) return;
+  if (row_bytes % 16) unsupported("row_bytes (must be a multiple of 16)", row_bytes);
+  const int bs_log2 = log2_exact(block_size, "block_size");
+  ps::write_kv_kernel<<<num_tokens, 128, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const char *>(key), reinterpret_cast<const char *>(value),
+      reinterpret_cast<char *>(key_cache), reinterpret_cast<char *>(value_cache),
+      reinterpret_cast<const long long *>(slot_mapping), key_stride, value_stride, num_kv_heads,
+      row_bytes / 16, bs_log2);
+  check_launch("write_kv_kernel");
+}
+
+void copy_blocks(ptr src_ptrs, ptr dst_ptrs, ptr mapping, int num_pairs, int num_tensors,
+                 std::int64_t block_bytes, ptr stream) {
+  if (num_pairs == 0 || num_tensors == 0) return;
+  if (block_bytes % 16) unsupported("block_bytes (must be a multiple of 16)", (int)block_bytes);
+  ps::copy_blocks_kernel<<<dim3(num_pairs, num_tensors), 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const long long *>(src_ptrs), reinterpret_cast<const long long *>(dst_ptrs),
+      reinterpret_cast<const long long *>(mapping), block_bytes);
+  check_launch("copy_blocks_kernel");
+}
+
+}  // namespace pscuda

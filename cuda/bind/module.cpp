@@ -1,0 +1,54 @@
+// pagedserve._cuda: registers the kernel launchers. Arguments are plain
+// integers (device pointers, strides, shapes, dtype codes, the stream handle);
+// pagedserve/ops/_cuda_ops.py builds them from torch tensors.
+#include <pybind11/pybind11.h>
+
+#include "launch.h"
+
+namespace py = pybind11;
+using namespace pscuda;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "Paged-attention and KV-cache CUDA kernels (raw-pointer launchers)";
+
+  m.def("decode",
+        [](int dtype, int head_size, int qpb, ptr out, ptr part_out, ptr part_ml, ptr q,
+           std::int64_t q_stride, ptr key_cache, ptr value_cache, ptr block_tables, int bt_stride,
+           ptr context_lens, int num_seqs, int num_heads, int num_kv_heads, int block_size,
+           float scale, int part_tokens, int nparts, ptr stream) {
+          decode(DecodeArgs{dtype, head_size, qpb, out, part_out, part_ml, q, q_stride, key_cache,
+                            value_cache, block_tables, bt_stride, context_lens, num_seqs, num_heads,
+                            num_kv_heads, block_size, scale, part_tokens, nparts, stream});
+        },
+        py::arg("dtype"), py::arg("head_size"), py::arg("qpb"), py::arg("out"), py::arg("part_out"),
+        py::arg("part_ml"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
+        py::arg("context_lens"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("block_size"), py::arg("scale"), py::arg("part_tokens"), py::arg("nparts"),
+        py::arg("stream"), "Decode paged attention (split-KV when nparts > 1).");
+
+  m.def("prefill",
+        [](int dtype, int head_size, ptr out, ptr q, std::int64_t q_stride, ptr key_cache,
+           ptr value_cache, ptr block_tables, int bt_stride, ptr query_start_loc, ptr context_lens,
+           int num_seqs, int num_tokens, int num_heads, int num_kv_heads, int block_size, float scale,
+           ptr stream) {
+          prefill(PrefillArgs{dtype, head_size, out, q, q_stride, key_cache, value_cache,
+                              block_tables, bt_stride, query_start_loc, context_lens, num_seqs,
+                              num_tokens, num_heads, num_kv_heads, block_size, scale, stream});
+        },
+        py::arg("dtype"), py::arg("head_size"), py::arg("out"), py::arg("q"), py::arg("q_stride"),
+        py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
+        py::arg("query_start_loc"), py::arg("context_lens"), py::arg("num_seqs"),
+        py::arg("num_tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"),
+        py::arg("scale"), py::arg("stream"), "Varlen causal prefill over paged KV.");
+
+  m.def("write_kv", &write_kv, py::arg("key"), py::arg("value"), py::arg("key_cache"),
+        py::arg("value_cache"), py::arg("slot_mapping"), py::arg("key_stride"),
+        py::arg("value_stride"), py::arg("num_tokens"), py::arg("num_kv_heads"),
+        py::arg("row_bytes"), py::arg("block_size"), py::arg("stream"),
+        "Scatter K/V rows into their cache slots; negative slots are skipped.");
+
+  m.def("copy_blocks", &copy_blocks, py::arg("src_ptrs"), py::arg("dst_ptrs"), py::arg("mapping"),
+        py::arg("num_pairs"), py::arg("num_tensors"), py::arg("block_bytes"), py::arg("stream"),
+        "Copy (src, dst) block pairs for every tensor pair in one launch.");
+}

@@ -1,0 +1,82 @@
+"""Paged-attention and KV-cache ops, dispatched by device.
+
+CPU tensors run the torch reference (``reference.py``); CUDA tensors run the
+kernels of cuda/ through the compiled ``pagedserve._cuda`` module or, when the
+package was built without nvcc, through CuPy/NVRTC (``loaders.py``).
+
+KV caches are [num_blocks, num_kv_heads, block_size, head_size] on every
+device; callers create them with ``allocate_kv_cache`` and never index them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .loaders import available_loaders, get_loader, set_loader
+
+__all__ = [
+    "allocate_kv_cache", "write_kv", "decode_attention", "prefill_attention", "copy_blocks",
+    "swap_blocks", "set_loader", "get_loader", "available_loaders",
+]
+
+
+def _cuda():
+    from . import _cuda_ops  # imported lazily: CPU-only installs never touch it
+
+    return _cuda_ops
+
+
+def _into(out, result):
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                      dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
+                    ("num_kv_heads", num_kv_heads), ("head_size", head_size)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return reference.allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_size, dtype, device)
+
+
+def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+    if key_cache.is_cuda:
+        return _cuda().write_kv(key, value, key_cache, value_cache, slot_mapping)
+    return reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale: float,
+                     out=None):
+    """out: optional contiguous tensor shaped like query to write into (returned)."""
+    if query.is_cuda:
+        return _cuda().decode_attention(query, key_cache, value_cache, block_tables, context_lens,
+                                        scale, out)
+    return _into(out, reference.decode_attention(query, key_cache, value_cache, block_tables,
+                                                 context_lens, scale))
+
+
+def prefill_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
+                      scale: float, out=None):
+    """out: optional contiguous tensor shaped like query to write into (returned)."""
+    if query.is_cuda:
+        return _cuda().prefill_attention(query, key_cache, value_cache, block_tables,
+                                         query_start_loc, context_lens, scale, out)
+    return _into(out, reference.prefill_attention(query, key_cache, value_cache, block_tables,
+                                                  query_start_loc, context_lens, scale))
+
+
+def copy_blocks(key_caches: list, value_caches: list, block_mapping) -> None:
+    caches = list(key_caches) + list(value_caches)
+    if caches and caches[0].is_cuda:
+        return _cuda().copy_blocks(key_caches, value_caches, block_mapping)
+    return reference.copy_blocks(key_caches, value_caches, block_mapping)
+
+
+def swap_blocks(src_cache, dst_cache, block_mapping) -> None:
+    if src_cache.is_cuda or dst_cache.is_cuda:
+        return _cuda().swap_blocks(src_cache, dst_cache, block_mapping)
+    return reference.swap_blocks(src_cache, dst_cache, block_mapping)

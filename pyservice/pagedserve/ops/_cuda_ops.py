@@ -1,0 +1,251 @@
+"""CUDA path of pagedserve.ops: checks torch tensors, chooses the launch plan
+and calls the active loader (compiled or CuPy) with raw pointers and torch's
+current stream."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .loaders import QPB_CHOICES, get_loader
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HEAD_SIZES = (64, 80, 96, 128, 256)
+# Split-KV aims at this many CTAs per SM so short batches of long contexts still fill the GPU.
+TARGET_CTAS_PER_SM = 4
+MIN_PART_TOKENS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_cache(name: str, cache: torch.Tensor, dtype: torch.dtype, device) -> None:
+    _require(cache.dim() == 4, f"{name} must be [num_blocks, num_kv_heads, block_size, head_size], "
+             f"got shape {tuple(cache.shape)}")
+    _require(cache.dtype == dtype, f"{name} dtype {cache.dtype} does not match {dtype}")
+    _require(cache.device == device, f"{name} is on {cache.device}, expected {device}")
+    _require(cache.is_contiguous(), f"{name} must be contiguous")
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """Last two dims contiguous and rows 16-byte aligned, as the 16-byte loads need."""
+    es = x.element_size()
+    return (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+            and (x.stride(0) * es) % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
+def _out(out, query):
+    if out is None:
+        return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    _require(out.shape == query.shape and out.dtype == query.dtype and out.device == query.device
+             and out.is_contiguous(), "out must be a contiguous tensor shaped like query")
+    return out
+
+
+def _attention_checks(name, query, key_cache, value_cache, block_tables, context_lens):
+    _require(query.dim() == 3, f"query must be 3-D [{name}, num_heads, head_size], got {tuple(query.shape)}")
+    _require(query.dtype in DTYPE_CODES, f"query dtype {query.dtype} is not supported on CUDA")
+    _check_cache("key_cache", key_cache, query.dtype, query.device)
+    _check_cache("value_cache", value_cache, query.dtype, query.device)
+    _require(value_cache.shape == key_cache.shape, "value_cache shape must equal key_cache shape")
+    head_size = query.shape[2]
+    _require(head_size in HEAD_SIZES, f"head_size must be one of {HEAD_SIZES}, got {head_size}")
+    _require(key_cache.shape[3] == head_size, f"key_cache head_size {key_cache.shape[3]} != query's {head_size}")
+    _require(query.shape[1] % key_cache.shape[1] == 0,
+             f"num_heads {query.shape[1]} must be a multiple of num_kv_heads {key_cache.shape[1]}")
+    _require(block_tables.dtype == torch.int32 and block_tables.dim() == 2,
+             "block_tables must be int32 [num_seqs, max_blocks]")
+    _require(context_lens.dtype == torch.int32, "context_lens must be int32")
+    _require(block_tables.device == query.device and context_lens.device == query.device,
+             "block_tables and context_lens must be on the query's device")
+
+
+def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: int,
+                num_sms: int) -> tuple[int, int, int]:
+    """(query heads per CTA, partition tokens, partitions). max_context is an
+    upper bound known on the host (block table width * block size), so no sync."""
+    group = num_heads // num_kv_heads
+    qpb = next(q for q in QPB_CHOICES if q >= min(group, QPB_CHOICES[-1]))
+    ctas = num_seqs * num_kv_heads * -(-group // qpb)
+    want = -(-TARGET_CTAS_PER_SM * num_sms // max(ctas, 1))
+    if want <= 1 or max_context <= MIN_PART_TOKENS:
+        return qpb, max(max_context, 1), 1
+    part = max(MIN_PART_TOKENS, -(-max_context // want))
+    part = -(-part // 64) * 64
+    nparts = -(-max_context // part)
+    return (qpb, part, nparts) if nparts > 1 else (qpb, max(max_context, 1), 1)
+
+
+def decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, out=None):
+    _attention_checks("num_seqs", query, key_cache, value_cache, block_tables, context_lens)
+    if not _rows_ok(query):
+        query = query.contiguous()
+    num_seqs, num_heads, head_size = query.shape
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    _require(block_tables.shape[0] == num_seqs and context_lens.shape[0] == num_seqs,
+             "block_tables and context_lens must have num_seqs rows")
+    _require(num_seqs <= 65535, f"num_seqs must be <= 65535, got {num_seqs}")
+    out = _out(out, query)
+    if num_seqs == 0:
+        return out
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    qpb, part_tokens, nparts = decode_plan(num_seqs, num_heads, num_kv_heads,
+                                           block_tables.shape[1] * block_size,
+                                           _num_sms(query.device.index))
+    part_out = part_ml = None
+    if nparts > 1:
+        part_out = torch.empty(num_seqs, num_heads, nparts, head_size, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(num_seqs, num_heads, nparts, 2, dtype=torch.float32, device=query.device)
+    with torch.cuda.device(query.device):
+        get_loader().decode(
+            dtype=DTYPE_CODES[query.dtype], head_size=head_size, qpb=qpb, out=out.data_ptr(),
+            part_out=0 if part_out is None else part_out.data_ptr(),
+            part_ml=0 if part_ml is None else part_ml.data_ptr(), q=query.data_ptr(),
+            q_stride=query.stride(0), key_cache=key_cache.data_ptr(),
+            value_cache=value_cache.data_ptr(), block_tables=block_tables.data_ptr(),
+            bt_stride=block_tables.stride(0), context_lens=context_lens.data_ptr(),
+            num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            block_size=block_size, scale=float(scale), part_tokens=part_tokens, nparts=nparts,
+            stream=_stream(query))
+    return out
+
+
+def prefill_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens, scale,
+                      out=None):
+    _attention_checks("num_tokens", query, key_cache, value_cache, block_tables, context_lens)
+    if not _rows_ok(query):
+        query = query.contiguous()
+    num_tokens, num_heads, head_size = query.shape
+    num_seqs = context_lens.shape[0]
+    _require(query_start_loc.dtype == torch.int32 and query_start_loc.shape == (num_seqs + 1,),
+             "query_start_loc must be int32 [num_seqs + 1]")
+    _require(query_start_loc.device == query.device, "query_start_loc must be on the query's device")
+    _require(block_tables.shape[0] == num_seqs, "block_tables must have num_seqs rows")
+    out = _out(out, query)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    with torch.cuda.device(query.device):
+        get_loader().prefill(
+            dtype=DTYPE_CODES[query.dtype], head_size=head_size, out=out.data_ptr(),
+            q=query.data_ptr(), q_stride=query.stride(0), key_cache=key_cache.data_ptr(),
+            value_cache=value_cache.data_ptr(), block_tables=block_tables.data_ptr(),
+            bt_stride=block_tables.stride(0), query_start_loc=query_start_loc.contiguous().data_ptr(),
+            context_lens=context_lens.contiguous().data_ptr(), num_seqs=num_seqs,
+            num_tokens=num_tokens, num_heads=num_heads, num_kv_heads=key_cache.shape[1],
+            block_size=key_cache.shape[2], scale=float(scale), stream=_stream(query))
+    return out
+
+
+def write_kv(key, value, key_cache, value_cache, slot_mapping):
+    _check_cache("key_cache", key_cache, key_cache.dtype, key_cache.device)
+    _check_cache("value_cache", value_cache, key_cache.dtype, key_cache.device)
+    num_tokens, num_kv_heads, head_size = key.shape
+    _require(key_cache.shape[1:2] + key_cache.shape[3:] == (num_kv_heads, head_size),
+             f"key [num_tokens, {key_cache.shape[1]}, {key_cache.shape[3]}] expected, got {tuple(key.shape)}")
+    _require(value.shape == key.shape, "value shape must equal key shape")
+    for name, x in (("key", key), ("value", value)):
+        _require(x.dtype == key_cache.dtype, f"{name} dtype {x.dtype} does not match the cache's {key_cache.dtype}")
+        _require(x.device == key_cache.device, f"{name} must be on the cache's device")
+    _require(slot_mapping.shape == (num_tokens,), "slot_mapping must be [num_tokens]")
+    key = key if _rows_ok(key) else key.contiguous()
+    value = value if _rows_ok(value) else value.contiguous()
+    slots = slot_mapping.to(device=key.device, dtype=torch.int64).contiguous()
+    es = key.element_size()
+    with torch.cuda.device(key.device):
+        get_loader().write_kv(
+            key=key.data_ptr(), value=value.data_ptr(), key_cache=key_cache.data_ptr(),
+            value_cache=value_cache.data_ptr(), slot_mapping=slots.data_ptr(),
+            key_stride=key.stride(0) * es, value_stride=value.stride(0) * es,
+            num_tokens=num_tokens, num_kv_heads=num_kv_heads, row_bytes=head_size * es,
+            block_size=key_cache.shape[2], stream=_stream(key))
+
+
+def _block_bytes(cache: torch.Tensor) -> int:
+    return cache[0].numel() * cache.element_size()
+
+
+def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], mapping: torch.Tensor, block_bytes: int):
+    """One copy_blocks_kernel launch; pointer tables and pairs go up in one H2D copy."""
+    n, nt = mapping.shape[0], len(src_ptrs)
+    table = torch.cat([torch.tensor(src_ptrs + dst_ptrs, dtype=torch.int64), mapping.reshape(-1)])
+    table = table.pin_memory().to(device, non_blocking=True)
+    with torch.cuda.device(device):
+        get_loader().copy_blocks(
+            src_ptrs=table.data_ptr(), dst_ptrs=table.data_ptr() + 8 * nt,
+            mapping=table.data_ptr() + 16 * nt, num_pairs=n, num_tensors=nt,
+            block_bytes=block_bytes, stream=torch.cuda.current_stream(device).cuda_stream)
+
+
+def _mapping(block_mapping: torch.Tensor) -> torch.Tensor:
+    m = block_mapping.to(device="cpu", dtype=torch.int64).reshape(-1, 2)
+    return m.contiguous()
+
+
+def copy_blocks(key_caches, value_caches, block_mapping):
+    caches = list(key_caches) + list(value_caches)
+    if not caches:
+        return
+    m = _mapping(block_mapping)
+    if m.shape[0] == 0:
+        return
+    dev, bb = caches[0].device, _block_bytes(caches[0])
+    for i, c in enumerate(caches):
+        _check_cache(f"caches[{i}]", c, c.dtype, dev)
+        _require(_block_bytes(c) == bb, "every cache in copy_blocks must have the same block size in bytes")
+    ptrs = [c.data_ptr() for c in caches]
+    _launch_copy(dev, ptrs, ptrs, m, bb)
+
+
+# Swaps whose contiguous runs average at least this many bytes use cudaMemcpyAsync
+# per run (the copy engines, no SM time); scattered ones use one gather kernel
+# over mapped pinned memory instead of one small memcpy per block.
+SWAP_MEMCPY_MIN_RUN_BYTES = 1 << 20
+
+
+def _runs(m: torch.Tensor) -> torch.Tensor:
+    """[r, 3] (src, dst, count) runs of consecutive block ids, after sorting by src."""
+    m = m[torch.argsort(m[:, 0])]
+    brk = torch.ones(m.shape[0], dtype=torch.bool)
+    brk[1:] = (m[1:, 0] != m[:-1, 0] + 1) | (m[1:, 1] != m[:-1, 1] + 1)
+    starts = torch.nonzero(brk).flatten()
+    counts = torch.diff(starts, append=torch.tensor([m.shape[0]]))
+    return torch.cat([m[starts], counts[:, None]], 1)
+
+
+def swap_blocks(src_cache, dst_cache, block_mapping, method: str | None = None):
+    """GPU <-> pinned CPU block transfer. method: None (choose), "memcpy" or "kernel"."""
+    _require(src_cache.shape[1:] == dst_cache.shape[1:] and src_cache.dtype == dst_cache.dtype,
+             "src_cache and dst_cache must have the same block shape and dtype")
+    _require(src_cache.is_contiguous() and dst_cache.is_contiguous(), "swap caches must be contiguous")
+    m = _mapping(block_mapping)
+    if m.shape[0] == 0:
+        return
+    gpu = src_cache if src_cache.is_cuda else dst_cache
+    host = dst_cache if src_cache.is_cuda else src_cache
+    bb = _block_bytes(src_cache)
+    runs = _runs(m)
+    if method is None:
+        # the plain copy engines win once runs are long; scattered blocks go to the kernel
+        pinned = host.is_cuda or host.is_pinned()
+        method = "memcpy" if not pinned or m.shape[0] * bb >= len(runs) * SWAP_MEMCPY_MIN_RUN_BYTES else "kernel"
+    if method == "kernel":
+        _require(host.is_cuda or host.is_pinned(), "swap kernel needs the CPU cache in pinned memory")
+        _launch_copy(gpu.device, [src_cache.data_ptr()], [dst_cache.data_ptr()], m, bb)
+        return
+    with torch.cuda.device(gpu.device):
+        for s, d, n in runs.tolist():
+            dst_cache[d:d + n].copy_(src_cache[s:s + n], non_blocking=True)

@@ -1,0 +1,202 @@
+"""The two loaders of the CUDA kernels in cuda/*.cuh.
+
+* ``compiled``: the pybind11 module ``pagedserve._cuda`` built by CMake/nvcc.
+* ``cupy``: the same .cuh sources compiled at run time by NVRTC through CuPy,
+  for installs built without nvcc.
+
+Both expose the same functions with the same keyword arguments (device
+pointers as ints, shapes, dtype codes, the raw stream handle), so the launch
+policy in ``_cuda_ops`` is written once. The default is ``compiled`` when it
+imports, else ``cupy``; ``set_loader`` forces one (tests run both).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import numpy as np
+
+LOADERS = ("compiled", "cupy")
+_forced: str | None = None
+_instances: dict[str, object] = {}
+
+# Shapes shared with the kernels (PrefillShape in prefill.cuh).
+PREFILL_ROWS, PREFILL_KC = 16, 32
+DECODE_THREADS, QPB_CHOICES = 128, (1, 2, 4, 8)
+
+
+def prefill_smem_bytes(head_size: int) -> int:
+    return (PREFILL_ROWS * head_size + PREFILL_KC * (head_size + 1) + PREFILL_KC * head_size) * 4
+
+
+def set_loader(name: str | None) -> None:
+    """Force a loader by name, or None for the default choice."""
+    if name is not None and name not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {name!r}")
+    global _forced
+    _forced = name
+
+
+def get_loader(name: str | None = None):
+    name = name or _forced
+    if name is None:
+        try:
+            return get_loader("compiled")
+        except ImportError:
+            return get_loader("cupy")
+    if name not in _instances:
+        _instances[name] = CompiledLoader() if name == "compiled" else CupyLoader()
+    return _instances[name]
+
+
+def available_loaders() -> list[str]:
+    found = []
+    for name in LOADERS:
+        try:
+            get_loader(name)
+            found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+class CompiledLoader:
+    name = "compiled"
+
+    def __init__(self):
+        from pagedserve import _cuda  # ImportError when built without nvcc
+
+        self.decode = _cuda.decode
+        self.prefill = _cuda.prefill
+        self.write_kv = _cuda.write_kv
+        self.copy_blocks = _cuda.copy_blocks
+
+
+def kernel_source_dir() -> pathlib.Path:
+    """The .cuh files: shipped inside the package, or cuda/ of a source tree."""
+    here = pathlib.Path(__file__).resolve()
+    for cand in (here.parent.parent / "cuda_src", here.parents[3] / "cuda"):
+        if (cand / "all_kernels.cuh").is_file():
+            return cand
+    raise ImportError("CUDA kernel sources (all_kernels.cuh) not found")
+
+
+def kernel_source() -> str:
+    """One self-contained translation unit: the headers inlined in order, so
+    CuPy's on-disk kernel cache keys on the real source text."""
+    d = kernel_source_dir()
+    parts = []
+    for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "prefill.cuh"):
+        text = (d / name).read_text()
+        parts.append(re.sub(r'^#include ".*"$', "", text, flags=re.M))
+    return "\n".join(parts)
+
+
+def _log2(v: int, name: str) -> int:
+    if v <= 0 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of 2, got {v}")
+    return v.bit_length() - 1
+
+
+class CupyLoader:
+    name = "cupy"
+
+    def __init__(self, extra_options: tuple[str, ...] = ()):
+        import cupy  # ImportError when CuPy is missing
+
+        self._cp = cupy
+        self._source = kernel_source()
+        self._options = ("-std=c++17",) + tuple(extra_options)
+        self._modules: dict[tuple, object] = {}
+        self._streams: dict[int, object] = {}
+
+    def _module(self, key: tuple, names: list[str]):
+        mod = self._modules.get(key)
+        if mod is None:
+            mod = self._cp.RawModule(code=self._source, options=self._options,
+                                     name_expressions=names)
+            self._modules[key] = mod
+        return mod
+
+    def _attention_fn(self, dtype: int, head_size: int, name: str):
+        names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>" for q in QPB_CHOICES]
+        names += [f"ps::paged_decode_reduce_kernel<{dtype}>",
+                  f"ps::paged_prefill_kernel<{dtype},{head_size}>"]
+        return self._module((dtype, head_size), names).get_function(name)
+
+    def _launch(self, fn, grid, block, args, stream, smem=0):
+        cp = self._cp
+        import torch
+
+        with cp.cuda.Device(torch.cuda.current_device()):
+            st = self._streams.get(stream)
+            if st is None:
+                st = self._streams[stream] = cp.cuda.ExternalStream(stream)
+            with st:
+                fn(grid, block, args, shared_mem=smem)
+
+    def decode(self, *, dtype, head_size, qpb, out, part_out, part_ml, q, q_stride, key_cache,
+               value_cache, block_tables, bt_stride, context_lens, num_seqs, num_heads,
+               num_kv_heads, block_size, scale, part_tokens, nparts, stream):
+        if head_size not in (64, 80, 96, 128, 256):
+            raise ValueError(f"head_size {head_size} is not supported")
+        if qpb not in QPB_CHOICES:
+            raise ValueError(f"qpb {qpb} is not supported")
+        bs_log2 = _log2(block_size, "block_size")
+        group = num_heads // num_kv_heads
+        fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_kernel<{dtype},{head_size},{qpb}>")
+        grid = (num_kv_heads * -(-group // qpb), num_seqs, nparts)
+        u, i32, i64 = np.uint64, np.int32, np.int64
+        args = (u(out), u(part_out), u(part_ml), u(q), i64(q_stride), u(key_cache), u(value_cache),
+                u(block_tables), i32(bt_stride), u(context_lens), i32(num_heads),
+                i32(num_kv_heads), i32(bs_log2), np.float32(scale), i32(part_tokens))
+        self._launch(fn, grid, (DECODE_THREADS, 1, 1), args, stream)
+        if nparts > 1:
+            fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_reduce_kernel<{dtype}>")
+            args = (u(out), u(part_out), u(part_ml), u(context_lens), i32(num_heads),
+                    i32(head_size), i32(part_tokens), i32(nparts))
+            self._launch(fn, (num_heads, num_seqs, 1), (128, 1, 1), args, stream, smem=4 * nparts)
+
+    def prefill(self, *, dtype, head_size, out, q, q_stride, key_cache, value_cache,
+                block_tables, bt_stride, query_start_loc, context_lens, num_seqs, num_tokens,
+                num_heads, num_kv_heads, block_size, scale, stream):
+        if num_tokens == 0:
+            return
+        if head_size not in (64, 80, 96, 128, 256):
+            raise ValueError(f"head_size {head_size} is not supported")
+        bs_log2 = _log2(block_size, "block_size")
+        group = num_heads // num_kv_heads
+        fn = self._attention_fn(dtype, head_size, f"ps::paged_prefill_kernel<{dtype},{head_size}>")
+        smem = prefill_smem_bytes(head_size)
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        grid = (-(-num_tokens * group // PREFILL_ROWS) + num_seqs, num_kv_heads, 1)
+        u, i32 = np.uint64, np.int32
+        args = (u(out), u(q), np.int64(q_stride), u(key_cache), u(value_cache), u(block_tables),
+                i32(bt_stride), u(query_start_loc), u(context_lens), i32(num_seqs),
+                i32(num_heads), i32(num_kv_heads), i32(bs_log2), np.float32(scale))
+        self._launch(fn, grid, (128, 1, 1), args, stream, smem=smem)
+
+    def _cache_fn(self, name: str):
+        return self._module(("cache",), ["ps::write_kv_kernel", "ps::copy_blocks_kernel"]).get_function(name)
+
+    def write_kv(self, key, value, key_cache, value_cache, slot_mapping, key_stride, value_stride,
+                 num_tokens, num_kv_heads, row_bytes, block_size, stream):
+        if num_tokens == 0:
+            return
+        if row_bytes % 16:
+            raise ValueError(f"row_bytes {row_bytes} must be a multiple of 16")
+        u = np.uint64
+        args = (u(key), u(value), u(key_cache), u(value_cache), u(slot_mapping),
+                np.int64(key_stride), np.int64(value_stride), np.int32(num_kv_heads),
+                np.int32(row_bytes // 16), np.int32(_log2(block_size, "block_size")))
+        self._launch(self._cache_fn("ps::write_kv_kernel"), (num_tokens, 1, 1), (128, 1, 1), args, stream)
+
+    def copy_blocks(self, src_ptrs, dst_ptrs, mapping, num_pairs, num_tensors, block_bytes, stream):
+        if num_pairs == 0 or num_tensors == 0:
+            return
+        u = np.uint64
+        args = (u(src_ptrs), u(dst_ptrs), u(mapping), np.int64(block_bytes))
+        self._launch(self._cache_fn("ps::copy_blocks_kernel"), (num_pairs, num_tensors, 1),
+                     (256, 1, 1), args, stream)

@@ -1,0 +1,226 @@
+"""CUDA kernels of pagedserve.ops against the float64 torch reference, through
+both loaders (nvcc-built pagedserve._cuda and CuPy/NVRTC).
+
+Every output is pre-filled with NaN so an element the kernel forgets to write
+fails; every cache slot outside all contexts holds NaN so a kernel reading past
+a context, or through block-table padding, fails too."""
+
+import math
+
+import pytest
+import torch
+
+from pagedserve import ops
+from pagedserve.ops import _cuda_ops, reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+HEAD_SIZES = [64, 80, 96, 128, 256]
+BLOCK_SIZES = [8, 16, 32]
+PAD_ID = 1 << 30  # block-table padding: reading it would fault or pick NaN
+
+
+@pytest.fixture(params=["compiled", "cupy"])
+def loader(request):
+    try:
+        ops.get_loader(request.param)
+    except ImportError as e:
+        pytest.fail(f"loader {request.param} unavailable on a GPU machine: {e}")
+    ops.set_loader(request.param)
+    yield request.param
+    ops.set_loader(None)
+
+
+def rel_err(got, want):
+    return float((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def paged_kv(lens, bs, hkv, d, dtype, gen):
+    """Caches full of NaN except the slots of each context, scattered random
+    block ids, and every later sequence sharing sequence 0's first full block."""
+    need = [math.ceil(n / bs) for n in lens]
+    nblocks = sum(need) + 3
+    perm = torch.randperm(nblocks, generator=gen).tolist()
+    share = lens[0] >= bs
+    tables = []
+    for s, nb in enumerate(need):
+        shared = [tables[0][0]] if s and share and lens[s] >= bs else []
+        tables.append(shared + [perm.pop() for _ in range(nb - len(shared))])
+    kc = torch.full((nblocks, hkv, bs, d), float("nan"), dtype=torch.float64)
+    vc = kc.clone()
+    for s, (n, t) in enumerate(zip(lens, tables)):
+        for p in range(n):
+            blk, off = t[p // bs], p % bs
+            if torch.isnan(kc[blk, 0, off, 0]):
+                kc[blk, :, off] = torch.randn(hkv, d, dtype=torch.float64, generator=gen)
+                vc[blk, :, off] = torch.randn(hkv, d, dtype=torch.float64, generator=gen)
+    bt = torch.full((len(lens), max(need) + 1), PAD_ID, dtype=torch.int32)
+    for s, t in enumerate(tables):
+        bt[s, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    kc, vc = kc.to(dtype), vc.to(dtype)  # rounded once: the oracle sees the same values
+    return kc, vc, bt
+
+
+def run_decode(q, kc, vc, bt, ctx, scale, split):
+    dev = "cuda"
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=dev)
+    old = _cuda_ops.TARGET_CTAS_PER_SM
+    _cuda_ops.TARGET_CTAS_PER_SM = 1 << 20 if split else 0  # force the split / the single pass
+    try:
+        ops.decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), ctx.to(dev), scale, out=out)
+    finally:
+        _cuda_ops.TARGET_CTAS_PER_SM = old
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+def test_decode(loader, dtype, block_size, head_size):
+    gen = torch.Generator().manual_seed(head_size * 100 + block_size)
+    lens = [4097, 1, block_size - 1, block_size, block_size + 1]
+    heads, hkv = 8, 2
+    kc, vc, bt, = paged_kv(lens, block_size, hkv, head_size, dtype, gen)
+    q = torch.randn(len(lens), heads, head_size, generator=gen).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scale = head_size ** -0.5
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, scale)
+    for split in (False, True):
+        got = run_decode(q, kc, vc, bt, ctx, scale, split)
+        assert not torch.isnan(got).any(), f"unwritten or NaN output (split={split})"
+        assert rel_err(got, want) < TOL[dtype], f"split={split}: rel err {rel_err(got, want)}"
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (16, 1), (32, 8)], ids=str)
+def test_decode_gqa_mqa(loader, heads):
+    gen = torch.Generator().manual_seed(7)
+    H, hkv = heads
+    lens = [300, 17, 1000]
+    kc, vc, bt = paged_kv(lens, 16, hkv, 128, torch.bfloat16, gen)
+    q = torch.randn(3, H, 128, generator=gen).bfloat16()
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 0.09)
+    for split in (False, True):
+        got = run_decode(q, kc, vc, bt, ctx, 0.09, split)
+        assert not torch.isnan(got).any()
+        assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_32k(loader, dtype):
+    gen = torch.Generator().manual_seed(32)
+    lens = [32768, 32767]
+    kc, vc, bt = paged_kv(lens, 16, 2, 128, dtype, gen)
+    q = torch.randn(2, 8, 128, generator=gen).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 128 ** -0.5)
+    got = run_decode(q, kc, vc, bt, ctx, 128 ** -0.5, split=True)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) < TOL[dtype]
+
+
+def prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2)):
+    H, hkv = heads
+    kc, vc, bt = paged_kv(lens, block_size, hkv, head_size, dtype, gen)
+    q = torch.randn(sum(new), H, head_size, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scale = head_size ** -0.5
+    want = reference.prefill_attention(q.double(), kc.double(), vc.double(), bt, qsl, ctx, scale)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    ops.prefill_attention(q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), qsl.cuda(), ctx.cuda(), scale, out=out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    assert rel_err(out, want) < TOL[dtype], rel_err(out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+def test_prefill_varlen_cached_prefix(loader, dtype, head_size):
+    gen = torch.Generator().manual_seed(head_size)
+    # a fresh prompt, the tail after a prefix-cache hit, a decode-like single token,
+    # a chunk at the end of a long context, a one-token prompt
+    lens = [37, 100, 17, 4097, 1]
+    new = [37, 20, 1, 70, 1]
+    prefill_case(dtype, head_size, 16, gen, lens, new)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("heads", [(4, 4), (16, 1), (6, 2)], ids=str)
+def test_prefill_block_sizes_and_groups(loader, block_size, heads):
+    gen = torch.Generator().manual_seed(block_size)
+    prefill_case(torch.bfloat16, 128, block_size, gen, [block_size + 1, 50, 9], [block_size + 1, 33, 2], heads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("head_size", [64, 80, 256])
+def test_write_kv_exact(loader, dtype, block_size, head_size):
+    gen = torch.Generator().manual_seed(5)
+    hkv, nblocks, T = 3, 9, 40
+    kc = torch.randn(nblocks, hkv, block_size, head_size, generator=gen).to(dtype)
+    vc = torch.randn(nblocks, hkv, block_size, head_size, generator=gen).to(dtype)
+    # key/value as strided views of a fused qkv buffer, like a model produces them
+    qkv = torch.randn(T, (2 + 2 * hkv) * head_size, generator=gen).to(dtype)
+    key = qkv[:, 2 * head_size:(2 + hkv) * head_size].view(T, hkv, head_size)
+    value = qkv[:, (2 + hkv) * head_size:].view(T, hkv, head_size)
+    slots = torch.randperm(nblocks * block_size, generator=gen)[:T]
+    slots[::7] = -1
+    want_k, want_v = kc.clone(), vc.clone()
+    reference.write_kv(key, value, want_k, want_v, slots)
+    gk, gv = kc.cuda(), vc.cuda()
+    gqkv = qkv.cuda()
+    ops.write_kv(gqkv[:, 2 * head_size:(2 + hkv) * head_size].view(T, hkv, head_size),
+                 gqkv[:, (2 + hkv) * head_size:].view(T, hkv, head_size), gk, gv, slots.cuda())
+    assert torch.equal(gk.cpu(), want_k) and torch.equal(gv.cpu(), want_v)
+
+
+def test_copy_blocks_all_layers_exact(loader):
+    gen = torch.Generator().manual_seed(6)
+    layers = [(torch.randn(12, 2, 16, 128, generator=gen).bfloat16(),
+               torch.randn(12, 2, 16, 128, generator=gen).bfloat16()) for _ in range(5)]
+    mapping = torch.tensor([[0, 7], [3, 11], [4, 1]])
+    want = [(k.clone(), v.clone()) for k, v in layers]
+    reference.copy_blocks([k for k, _ in want], [v for _, v in want], mapping)
+    gpu = [(k.cuda(), v.cuda()) for k, v in layers]
+    ops.copy_blocks([k for k, _ in gpu], [v for _, v in gpu], mapping)
+    for (gk, gv), (wk, wv) in zip(gpu, want):
+        assert torch.equal(gk.cpu(), wk) and torch.equal(gv.cpu(), wv)
+
+
+@pytest.mark.parametrize("method", ["memcpy", "kernel"])
+def test_swap_blocks_exact(loader, method):
+    gen = torch.Generator().manual_seed(8)
+    gpu_cache = torch.randn(20, 2, 16, 64, generator=gen).half().cuda()
+    cpu_cache = torch.randn(15, 2, 16, 64, generator=gen).half().pin_memory()
+    out_map = torch.tensor([[3, 0], [4, 1], [5, 2], [17, 9], [0, 14]])  # one run of 3 + scattered
+    want_cpu = cpu_cache.clone()
+    want_cpu[out_map[:, 1]] = gpu_cache.cpu()[out_map[:, 0]]
+    _cuda_ops.swap_blocks(gpu_cache, cpu_cache, out_map, method=method)
+    torch.cuda.synchronize()
+    assert torch.equal(cpu_cache, want_cpu)
+    in_map = torch.tensor([[9, 6], [14, 19], [1, 10]])
+    want_gpu = gpu_cache.cpu().clone()
+    want_gpu[in_map[:, 1]] = cpu_cache[in_map[:, 0]]
+    _cuda_ops.swap_blocks(cpu_cache, gpu_cache, in_map, method=method)
+    torch.cuda.synchronize()
+    assert torch.equal(gpu_cache.cpu(), want_gpu)
+    ops.swap_blocks(gpu_cache, cpu_cache, torch.tensor([[2, 3]]))  # the default choice
+    torch.cuda.synchronize()
+    assert torch.equal(cpu_cache[3], gpu_cache[2].cpu())
+
+
+def test_bad_input_names_the_field(loader):
+    kc, vc = ops.allocate_kv_cache(4, 16, 2, 128, torch.bfloat16, "cuda")
+    q = torch.randn(1, 4, 128, device="cuda").bfloat16()
+    bt = torch.zeros(1, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="context_lens"):
+        ops.decode_attention(q, kc, vc, bt, torch.ones(1, dtype=torch.int64, device="cuda"), 1.0)
+    with pytest.raises(ValueError, match="head_size"):
+        ops.decode_attention(torch.randn(1, 4, 48, device="cuda").bfloat16(), kc, vc, bt,
+                             torch.ones(1, dtype=torch.int32, device="cuda"), 1.0)
+    with pytest.raises(ValueError, match="key_cache dtype"):
+        ops.decode_attention(q.float(), kc, vc, bt, torch.ones(1, dtype=torch.int32, device="cuda"), 1.0)
