@@ -81,7 +81,7 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
 
     out = torch.empty_like(q)
     t_paged = bench(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale, out=out), iters)
-    plan = _cuda_ops.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0))
+    plan = _cuda_ops.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_ctas_per_sm(0, D))
 
     def gathered(cache):  # [B, HKV, L, D]
         return cache[bt.long()].permute(0, 2, 1, 3, 4).reshape(b, HKV, l, D)

@@ -3,4 +3,5 @@
 #pragma once
 #include "cache_ops.cuh"
 #include "decode.cuh"
+#include "decode_tc.cuh"
 #include "prefill.cuh"

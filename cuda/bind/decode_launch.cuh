@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "../decode.cuh"
+#include "../decode_tc.cuh"
 #include "launch_util.cuh"
 
 namespace pscuda {
@@ -27,6 +28,29 @@ void decode_dtype(const DecodeArgs &a) {
           reinterpret_cast<const int *>(a.context_lens), a.num_heads, a.num_kv_heads, bs_log2,
           a.scale, a.part_tokens);
     };
+    if (a.qpb == 16) {  // tensor-core kernel (fp16/bf16): up to 16 query heads per CTA
+      if constexpr (DT == ps::DT_F32) {
+        unsupported("qpb 16 (tensor cores) with dtype code", DT);
+      } else {
+        constexpr int smem = ps::TcShape<D>::SMEM_BYTES;
+        auto kernel = ps::paged_decode_tc_kernel<DT, D>;
+        if (smem > 48 * 1024) {
+          const cudaError_t err =
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+          if (err != cudaSuccess)
+            throw std::runtime_error(std::string("decode smem: ") + cudaGetErrorString(err));
+        }
+        const dim3 grid(a.num_kv_heads * ((G + 15) / 16), a.num_seqs, a.nparts);
+        kernel<<<grid, 128, smem, stream>>>(
+            reinterpret_cast<T *>(a.out), reinterpret_cast<float *>(a.part_out),
+            reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
+            reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
+            reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
+            reinterpret_cast<const int *>(a.context_lens), a.num_heads, a.num_kv_heads, bs_log2,
+            a.scale, a.part_tokens);
+      }
+      return;
+    }
     switch (a.qpb) {
       case 1: go(std::integral_constant<int, 1>()); break;
       case 2: go(std::integral_constant<int, 2>()); break;

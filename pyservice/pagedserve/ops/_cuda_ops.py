@@ -8,18 +8,37 @@ import functools
 
 import torch
 
-from .loaders import QPB_CHOICES, get_loader
+from .loaders import QPB_CHOICES, QPB_TC, decode_tc_smem_bytes, get_loader
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_SIZES = (64, 80, 96, 128, 256)
-# Split-KV aims at this many CTAs per SM so short batches of long contexts still fill the GPU.
-TARGET_CTAS_PER_SM = 4
+# Split-KV fills the GPU when a batch has fewer CTAs than this many per SM. None: the
+# tensor-core kernel's occupancy (from its shared memory), 4 for the CUDA-core kernel.
+# Tests set it to force (huge) or forbid (0) the split.
+TARGET_CTAS_PER_SM: int | None = None
+CUDA_CORE_CTAS_PER_SM = 4
 MIN_PART_TOKENS = 256
+PART_ALIGN = 64  # 4 warps x 16-token tiles
 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _tc_ctas_per_sm(device_index: int, head_size: int) -> int:
+    """Resident tensor-core decode CTAs per SM; 0 where the kernel cannot run
+    (before sm_80, or its shared memory exceeds the per-block opt-in limit)."""
+    p = torch.cuda.get_device_properties(device_index)
+    if p.major < 8:
+        return 0
+    smem = decode_tc_smem_bytes(head_size)
+    per_block = getattr(p, "shared_memory_per_block_optin", 0) or (227 << 10 if p.major >= 9 else 99 << 10)
+    per_sm = getattr(p, "shared_memory_per_multiprocessor", 0) or per_block + (1 << 10)
+    if smem > per_block:
+        return 0
+    return max(1, min(4, per_sm // (smem + 1024)))  # 1 KiB per CTA is reserved by the driver
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -72,14 +91,40 @@ def _attention_checks(name, query, key_cache, value_cache, block_tables, context
              "block_tables and context_lens must be on the query's device")
 
 
+@functools.lru_cache(maxsize=4096)
+def _tc_split(ctas: int, max_context: int, slots: int) -> tuple[int, int]:
+    """(partition tokens, partitions) for the tensor-core kernel: split only a
+    batch that does not fill one wave of `slots` resident CTAs, into the number
+    of partitions whose CTAs fill whole waves best; more partitions must fill
+    them 5% better (each costs pipeline warm-up and reduction traffic)."""
+    if ctas >= slots or max_context <= MIN_PART_TOKENS:
+        return max(max_context, 1), 1
+    best, best_eff = (max(max_context, 1), 1), ctas / slots
+    for want in range(2, -(-max_context // MIN_PART_TOKENS) + 1):
+        part = max(MIN_PART_TOKENS, -(-max_context // want))
+        part = -(-part // PART_ALIGN) * PART_ALIGN
+        n = -(-max_context // part)
+        total = ctas * n
+        eff = total / (-(-total // slots) * slots)
+        if n > best[1] and eff > best_eff * 1.05:
+            best, best_eff = (part, n), eff
+    return best
+
+
 def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: int,
-                num_sms: int) -> tuple[int, int, int]:
+                num_sms: int, tc_ctas_per_sm: int = 0) -> tuple[int, int, int]:
     """(query heads per CTA, partition tokens, partitions). max_context is an
-    upper bound known on the host (block table width * block size), so no sync."""
+    upper bound known on the host (block table width * block size), so no sync.
+    tc_ctas_per_sm > 0 selects the tensor-core kernel (qpb QPB_TC) with that occupancy."""
     group = num_heads // num_kv_heads
+    if tc_ctas_per_sm > 0:
+        ctas = num_seqs * num_kv_heads * -(-group // QPB_TC)
+        per_sm = tc_ctas_per_sm if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
+        return (QPB_TC,) + _tc_split(ctas, max_context, per_sm * num_sms)
     qpb = next(q for q in QPB_CHOICES if q >= min(group, QPB_CHOICES[-1]))
     ctas = num_seqs * num_kv_heads * -(-group // qpb)
-    want = -(-TARGET_CTAS_PER_SM * num_sms // max(ctas, 1))
+    per_sm = CUDA_CORE_CTAS_PER_SM if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
+    want = -(-per_sm * num_sms // max(ctas, 1))
     if want <= 1 or max_context <= MIN_PART_TOKENS:
         return qpb, max(max_context, 1), 1
     part = max(MIN_PART_TOKENS, -(-max_context // want))
@@ -102,9 +147,10 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
         return out
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     context_lens = context_lens.contiguous()
+    dev = query.device.index
+    tc = _tc_ctas_per_sm(dev, head_size) if query.dtype != torch.float32 else 0
     qpb, part_tokens, nparts = decode_plan(num_seqs, num_heads, num_kv_heads,
-                                           block_tables.shape[1] * block_size,
-                                           _num_sms(query.device.index))
+                                           block_tables.shape[1] * block_size, _num_sms(dev), tc)
     part_out = part_ml = None
     if nparts > 1:
         part_out = torch.empty(num_seqs, num_heads, nparts, head_size, dtype=torch.float32, device=query.device)

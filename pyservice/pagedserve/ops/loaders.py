@@ -21,13 +21,26 @@ LOADERS = ("compiled", "cupy")
 _forced: str | None = None
 _instances: dict[str, object] = {}
 
-# Shapes shared with the kernels (PrefillShape in prefill.cuh).
+# Shapes shared with the kernels (PrefillShape in prefill.cuh, TcShape in decode_tc.cuh).
 PREFILL_ROWS, PREFILL_KC = 16, 32
 DECODE_THREADS, QPB_CHOICES = 128, (1, 2, 4, 8)
+# qpb value that selects the tensor-core decode kernel (fp16/bf16, up to 16 query heads per CTA)
+QPB_TC = 16
 
 
 def prefill_smem_bytes(head_size: int) -> int:
     return (PREFILL_ROWS * head_size + PREFILL_KC * (head_size + 1) + PREFILL_KC * head_size) * 4
+
+
+def decode_tc_stages(head_size: int) -> int:
+    return 2 if head_size >= 256 else 3
+
+
+def decode_tc_smem_bytes(head_size: int) -> int:
+    """Dynamic shared memory of paged_decode_tc_kernel: the query rows plus, per
+    warp (4), `stages` tiles of 16 K rows and 16 V rows, rows padded by 8 elements."""
+    row = (head_size + 8) * 2
+    return 16 * row + 4 * decode_tc_stages(head_size) * 2 * 16 * row
 
 
 def set_loader(name: str | None) -> None:
@@ -87,7 +100,7 @@ def kernel_source() -> str:
     CuPy's on-disk kernel cache keys on the real source text."""
     d = kernel_source_dir()
     parts = []
-    for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "prefill.cuh"):
+    for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "decode_tc.cuh", "prefill.cuh"):
         text = (d / name).read_text()
         parts.append(re.sub(r'^#include ".*"$', "", text, flags=re.M))
     return "\n".join(parts)
@@ -121,6 +134,8 @@ class CupyLoader:
 
     def _attention_fn(self, dtype: int, head_size: int, name: str):
         names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>" for q in QPB_CHOICES]
+        if dtype != 0:  # no fp32 tensor-core path
+            names.append(f"ps::paged_decode_tc_kernel<{dtype},{head_size}>")
         names += [f"ps::paged_decode_reduce_kernel<{dtype}>",
                   f"ps::paged_prefill_kernel<{dtype},{head_size}>"]
         return self._module((dtype, head_size), names).get_function(name)
@@ -141,17 +156,24 @@ class CupyLoader:
                num_kv_heads, block_size, scale, part_tokens, nparts, stream):
         if head_size not in (64, 80, 96, 128, 256):
             raise ValueError(f"head_size {head_size} is not supported")
-        if qpb not in QPB_CHOICES:
-            raise ValueError(f"qpb {qpb} is not supported")
+        if qpb not in QPB_CHOICES + (QPB_TC,) or (qpb == QPB_TC and dtype == 0):
+            raise ValueError(f"qpb {qpb} is not supported for dtype code {dtype}")
         bs_log2 = _log2(block_size, "block_size")
         group = num_heads // num_kv_heads
-        fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_kernel<{dtype},{head_size},{qpb}>")
+        smem = 0
+        if qpb == QPB_TC:
+            fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_tc_kernel<{dtype},{head_size}>")
+            smem = decode_tc_smem_bytes(head_size)
+            if smem > 48 * 1024:
+                fn.max_dynamic_shared_size_bytes = smem
+        else:
+            fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_kernel<{dtype},{head_size},{qpb}>")
         grid = (num_kv_heads * -(-group // qpb), num_seqs, nparts)
         u, i32, i64 = np.uint64, np.int32, np.int64
         args = (u(out), u(part_out), u(part_ml), u(q), i64(q_stride), u(key_cache), u(value_cache),
                 u(block_tables), i32(bt_stride), u(context_lens), i32(num_heads),
                 i32(num_kv_heads), i32(bs_log2), np.float32(scale), i32(part_tokens))
-        self._launch(fn, grid, (DECODE_THREADS, 1, 1), args, stream)
+        self._launch(fn, grid, (DECODE_THREADS, 1, 1), args, stream, smem=smem)
         if nparts > 1:
             fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_reduce_kernel<{dtype}>")
             args = (u(out), u(part_out), u(part_ml), u(context_lens), i32(num_heads),
