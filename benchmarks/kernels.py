@@ -6,7 +6,8 @@ batch x context shape: median kernel time over CUDA events, KV bytes read per
 second, that rate as a fraction of a device-to-device copy (read + write bytes
 per second), torch SDPA on the same KV laid out contiguously, and
 gather-then-SDPA on the paged copy. Swap: scattered blocks GPU <-> pinned CPU vs
-one plain pinned copy of the same bytes.
+one plain pinned copy of the same bytes, for one layer and for a whole sequence
+across all 32 layers in one call.
 
     python benchmarks/kernels.py --out docs/kernels_h100.json [--loader compiled|cupy]
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,18 @@ def bench(fn, iters: int, warmup: int = 3, graph: bool = True, calls: int = 10) 
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / per)
+    return statistics.median(times)
+
+
+def host_time(fn, iters: int = 20) -> float:
+    """Median host seconds of one fn() call, the GPU idle before each."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -103,8 +117,18 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     }
 
 
+def _plain_rates(nbytes: int, iters: int) -> tuple[float, float]:
+    """(d2h, h2d) bytes per second of one plain pinned copy of nbytes."""
+    plain_h = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    plain_d = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    d2h = nbytes / bench(lambda: plain_h.copy_(plain_d, non_blocking=True), iters, graph=False)
+    h2d = nbytes / bench(lambda: plain_d.copy_(plain_h, non_blocking=True), iters, graph=False)
+    return d2h, h2d
+
+
 def swap_case(iters: int, gen: torch.Generator, num_gpu: int = 4096, n: int = 1024) -> dict:
-    """n scattered blocks of one layer's K cache (32 KiB each) out and back in."""
+    """n scattered blocks of one layer's K cache (32 KiB each) out and back in.
+    Timed without a graph: the host work of each call is part of the figure."""
     gpu = torch.randn(num_gpu, HKV, BS, D, device="cuda", generator=gen).bfloat16()
     cpu = torch.empty(num_gpu, HKV, BS, D, dtype=torch.bfloat16).pin_memory()
     src = torch.randperm(num_gpu, generator=torch.Generator().manual_seed(1))[:n]
@@ -112,20 +136,74 @@ def swap_case(iters: int, gen: torch.Generator, num_gpu: int = 4096, n: int = 10
     out_map = torch.stack([src, dst], 1)
     in_map = torch.stack([dst, src], 1)
     nbytes = n * gpu[0].numel() * 2
-    plain_h = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    plain_d = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    res = {"blocks": n, "bytes": nbytes,
-           "plain_d2h_Bps": nbytes / bench(lambda: plain_h.copy_(plain_d, non_blocking=True), iters, graph=False),
-           "plain_h2d_Bps": nbytes / bench(lambda: plain_d.copy_(plain_h, non_blocking=True), iters, graph=False)}
+    d2h, h2d = _plain_rates(nbytes, iters)
+    res = {"blocks": n, "bytes": nbytes, "plain_d2h_Bps": d2h, "plain_h2d_Bps": h2d}
     for method in ("kernel", "memcpy"):
         res[f"{method}_out_Bps"] = nbytes / bench(
             lambda: _cuda_ops.swap_blocks(gpu, cpu, out_map, method=method), iters, graph=False)
         res[f"{method}_in_Bps"] = nbytes / bench(
             lambda: _cuda_ops.swap_blocks(cpu, gpu, in_map, method=method), iters, graph=False)
+    res["kernel_out_host_s"] = host_time(lambda: _cuda_ops.swap_blocks(gpu, cpu, out_map, method="kernel"))
     # contiguous runs (a whole sequence swapped into a fresh region): memcpy per run
     run_map = torch.stack([torch.arange(n), torch.arange(n) + 7], 1)
     res["default_out_contiguous_Bps"] = nbytes / bench(lambda: ops.swap_blocks(gpu, cpu, run_map), iters, graph=False)
     return res
+
+
+def swap_layers_case(iters: int, layers: int = 32, seq_tokens: int = 2048, gpu_blocks: int = 1024,
+                     cpu_blocks: int = 512) -> dict:
+    """One 2048-token sequence of Llama-3-8B swapped out and in across all 32
+    layers (K and V: 64 caches, 128 scattered blocks each, 256 MiB), as the
+    engine swaps a preempted group: one call for every layer, the per-layer
+    loop of one call per cache for comparison, and a contiguous region."""
+    nt = 2 * layers
+    gpu = torch.empty(nt, gpu_blocks, HKV, BS, D, dtype=torch.bfloat16, device="cuda")
+    cpu = torch.empty(nt, cpu_blocks, HKV, BS, D, dtype=torch.bfloat16, pin_memory=True)
+    gpu_caches, cpu_caches = list(gpu.unbind(0)), list(cpu.unbind(0))
+    n = seq_tokens // BS
+    g_ids = torch.randperm(gpu_blocks, generator=torch.Generator().manual_seed(3))[:n]
+    c_ids = torch.randperm(cpu_blocks, generator=torch.Generator().manual_seed(4))[:n]
+    out_map, in_map = torch.stack([g_ids, c_ids], 1), torch.stack([c_ids, g_ids], 1)
+    nbytes = nt * n * HKV * BS * D * 2
+    d2h, h2d = _plain_rates(nbytes, iters)
+    res = {"layers": layers, "caches": nt, "blocks_per_cache": n, "bytes": nbytes,
+           "plain_d2h_Bps": d2h, "plain_h2d_Bps": h2d}
+    for method in (None, "memcpy"):
+        name = method or "default"
+        res[f"{name}_out_Bps"] = nbytes / bench(
+            lambda: _cuda_ops.swap_blocks(gpu_caches, cpu_caches, out_map, method=method), iters, graph=False)
+        res[f"{name}_in_Bps"] = nbytes / bench(
+            lambda: _cuda_ops.swap_blocks(cpu_caches, gpu_caches, in_map, method=method), iters, graph=False)
+
+    def per_cache(src, dst, m):
+        for s_, d_ in zip(src, dst):
+            ops.swap_blocks(s_, d_, m)
+
+    res["default_out_host_s"] = host_time(lambda: _cuda_ops.swap_blocks(gpu_caches, cpu_caches, out_map))
+    res["per_cache_calls_out_Bps"] = nbytes / bench(lambda: per_cache(gpu_caches, cpu_caches, out_map),
+                                                    max(5, iters // 5), graph=False)
+    run_map = torch.stack([torch.arange(n) + 100, torch.arange(n) + 7], 1)
+    res["default_out_contiguous_Bps"] = nbytes / bench(
+        lambda: ops.swap_blocks(gpu_caches, cpu_caches, run_map), iters, graph=False)
+    res["default_in_contiguous_Bps"] = nbytes / bench(
+        lambda: ops.swap_blocks(cpu_caches, gpu_caches, run_map[:, [1, 0]]), iters, graph=False)
+    return res
+
+
+def long_context_variants(iters: int, gen: torch.Generator) -> list[dict]:
+    """1 x 32768 under other partition plans (part tokens, partitions): the plan of
+    the 64-token alignment used before (31 x 1088), one exact wave, twice as many."""
+    chosen = _cuda_ops._tc_split
+    rows = []
+    try:
+        for plan in ((1088, 31), (1008, 33), (512, 64)):
+            _cuda_ops._tc_split = lambda *_, plan=plan: plan
+            r = decode_case(1, 32768, iters, gen)
+            r["forced_plan"] = list(plan)
+            rows.append(r)
+    finally:
+        _cuda_ops._tc_split = chosen
+    return rows
 
 
 def environment() -> dict:
@@ -155,7 +233,11 @@ def main() -> None:
     for b, l in SHAPES:
         result["decode"].append(decode_case(b, l, args.iters, gen))
         torch.cuda.empty_cache()
+    result["decode_variants"] = long_context_variants(args.iters, gen)
+    torch.cuda.empty_cache()
     result["swap"] = swap_case(args.iters, gen)
+    torch.cuda.empty_cache()
+    result["swap_all_layers"] = swap_layers_case(args.iters)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
@@ -175,7 +257,25 @@ def main() -> None:
     for m in ("kernel", "memcpy"):
         print(f"  {m:>7}: out {s[f'{m}_out_Bps'] / gb:.1f} GB/s ({100 * s[f'{m}_out_Bps'] / s['plain_d2h_Bps']:.0f}%)"
               f", in {s[f'{m}_in_Bps'] / gb:.1f} GB/s ({100 * s[f'{m}_in_Bps'] / s['plain_h2d_Bps']:.0f}%)")
+    print(f"  kernel call, host time: {s['kernel_out_host_s'] * 1e6:.0f} us")
     print(f"  contiguous run, default: out {s['default_out_contiguous_Bps'] / gb:.1f} GB/s")
+    for r in result["decode_variants"]:
+        print(f"1 x 32768 forced plan {tuple(r['forced_plan'])}: {r['paged_s'] * 1e6:.1f} us "
+              f"{r['paged_Bps'] / tb:.2f} TB/s plan {tuple(r['plan_qpb_part_nparts'])} "
+              f"(sdpa {r['sdpa_contiguous_Bps'] / tb:.2f})")
+    a = result["swap_all_layers"]
+    print(f"swap all {a['layers']} layers ({a['caches']} caches x {a['blocks_per_cache']} blocks, "
+          f"{a['bytes'] / 2**20:.0f} MiB): plain pinned d2h {a['plain_d2h_Bps'] / gb:.1f} GB/s, "
+          f"h2d {a['plain_h2d_Bps'] / gb:.1f} GB/s")
+    for m in ("default", "memcpy"):
+        print(f"  {m:>7}: out {a[f'{m}_out_Bps'] / gb:.1f} GB/s ({100 * a[f'{m}_out_Bps'] / a['plain_d2h_Bps']:.0f}%)"
+              f", in {a[f'{m}_in_Bps'] / gb:.1f} GB/s ({100 * a[f'{m}_in_Bps'] / a['plain_h2d_Bps']:.0f}%)")
+    print(f"  default call, host time: {a['default_out_host_s'] * 1e6:.0f} us")
+    print(f"  one call per cache (64 calls): out {a['per_cache_calls_out_Bps'] / gb:.1f} GB/s "
+          f"({100 * a['per_cache_calls_out_Bps'] / a['plain_d2h_Bps']:.0f}%)")
+    print(f"  contiguous region, default: out {a['default_out_contiguous_Bps'] / gb:.1f} GB/s "
+          f"({100 * a['default_out_contiguous_Bps'] / a['plain_d2h_Bps']:.0f}%), in "
+          f"{a['default_in_contiguous_Bps'] / gb:.1f} GB/s ({100 * a['default_in_contiguous_Bps'] / a['plain_h2d_Bps']:.0f}%)")
 
 
 if __name__ == "__main__":

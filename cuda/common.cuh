@@ -97,4 +97,85 @@ constexpr int cmin(int a, int b) { return a < b ? a : b; }
 constexpr float LOG2E = 1.4426950408889634f;
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// L2-only loads (skip L1) of partial results written by other CTAs of the
+// same launch: L1 is not coherent across SMs.
+__device__ __forceinline__ float2 ld_cg_f2(const float *p) {
+  float2 v;
+  asm volatile("ld.global.cg.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float4 ld_cg_f4(const float *p) {
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Split-KV epilogue shared by both decode kernels. Every CTA of a
+// partitioned launch calls it once its normalised partial output and (max, sum)
+// are stored (a CTA whose partition holds no tokens calls it at once). The CTAs
+// of one (sequence, head group) count themselves on `counter`; the last to
+// arrive merges the partitions into `out`, so no second launch is needed. The
+// counter is back at 0 when the launch ends (the last CTA resets it), so the
+// caller keeps one zeroed buffer and never clears it again.
+// Layouts: part_out [S, H, P, D], part_ml [S, H, P, 2]; rows row0 .. row0+nh-1.
+template <int DT>
+__device__ __noinline__ void split_kv_finish(typename Elem<DT>::T *out, const float *part_out,
+                                             const float *part_ml, unsigned *counter, i64 row0,
+                                             int nh, int D, int nparts, int nused) {
+  __shared__ int is_last;
+  // The barrier orders the CTA's partial stores before thread 0's fence, which
+  // makes them visible device-wide before the CTA counts itself (the pattern of
+  // cooperative groups' grid sync).
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool last = atomicAdd(counter, 1u) == (unsigned)nparts - 1;
+    if (last) {
+      atomicExch(counter, 0u);  // every CTA of the group has arrived
+      __threadfence();          // and every partial is visible to this CTA
+    }
+    is_last = last;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  // One thread per 4 consecutive output elements; partitions in batches of 16 so
+  // 32 loads are in flight before the online merge math.
+  enum { B = 16 };
+  const int vecs = D / 4;
+  for (int i = threadIdx.x; i < nh * vecs; i += blockDim.x) {
+    const int g = i / vecs, c = i - g * vecs;
+    const i64 row = row0 + g;
+    const float *ml = part_ml + row * nparts * 2;
+    const float *po = part_out + row * nparts * D + c * 4;
+    float M = neg_inf(), L = 0.f, a[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int p0 = 0; p0 < nused; p0 += B) {
+      float2 w[B];
+      float4 o[B];
+#pragma unroll
+      for (int k = 0; k < B; ++k)
+        if (p0 + k < nused) {
+          w[k] = ld_cg_f2(ml + 2 * (p0 + k));
+          o[k] = ld_cg_f4(po + (i64)(p0 + k) * D);
+        }
+#pragma unroll
+      for (int k = 0; k < B; ++k)
+        if (p0 + k < nused) {
+          const float nM = fmaxf(M, w[k].x);
+          const float sc = exp2f(M - nM), wt = exp2f(w[k].x - nM) * w[k].y;
+          L = L * sc + wt;
+          a[0] = a[0] * sc + wt * o[k].x;
+          a[1] = a[1] * sc + wt * o[k].y;
+          a[2] = a[2] * sc + wt * o[k].z;
+          a[3] = a[3] * sc + wt * o[k].w;
+          M = nM;
+        }
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;  // an empty context yields zeros
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[row * D + c * 4 + e] = Elem<DT>::from_f(a[e] * inv);
+  }
+}
+
 }  // namespace ps

@@ -11,7 +11,8 @@
 //
 // Long contexts with few sequences split the context into partitions of
 // part_tokens (gridDim.z > 1); each CTA then writes a normalised partial output
-// plus its (max, sum) and paged_decode_reduce_kernel merges them.
+// plus its (max, sum), and the last CTA of each (sequence, head group) to finish
+// merges them (split_kv_finish in common.cuh): one launch, no reduction kernel.
 #pragma once
 #include "common.cuh"
 
@@ -54,6 +55,7 @@ __global__ void __launch_bounds__(128) paged_decode_kernel(
     const typename Elem<DT>::T *__restrict__ vc,  // [blocks, Hkv, bs, D]
     const int *__restrict__ block_tables, int bt_stride,
     const int *__restrict__ context_lens,
+    unsigned *__restrict__ split_counters,       // [S, gridDim.x], zero   (nparts > 1)
     int num_heads, int num_kv_heads, int bs_log2, float scale, int part_tokens) {
   typedef Elem<DT> E;
   typedef typename E::T T;
@@ -71,9 +73,15 @@ __global__ void __launch_bounds__(128) paged_decode_kernel(
   const int ctx = context_lens[seq];
   const int t0 = nparts == 1 ? 0 : part * part_tokens;
   const int t1 = nparts == 1 ? ctx : min(ctx, t0 + part_tokens);
-  if (nparts > 1 && t0 >= t1) return;  // the reduction only reads partitions that hold tokens
   const int head0 = kvh * G + qg * QPB;
   const int nh = min(QPB, G - qg * QPB);
+  const int nused = nparts == 1 ? 1 : min(nparts, (ctx + part_tokens - 1) / part_tokens);
+  unsigned *counter = split_counters + (i64)seq * gridDim.x + blockIdx.x;
+  if (nparts > 1 && t0 >= t1) {  // no tokens here: only count this CTA as arrived
+    split_kv_finish<DT>(out, part_out, part_ml, counter, (i64)seq * num_heads + head0, nh, D,
+                        nparts, nused);
+    return;
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tok = lane / TPT, sub = lane % TPT;
@@ -253,40 +261,9 @@ __global__ void __launch_bounds__(128) paged_decode_kernel(
       }
     }
   }
-}
-
-// Merges the partitions of one (sequence, head): grid (H, S), dynamic shared
-// memory of nparts floats for the partition weights.
-template <int DT>
-__global__ void __launch_bounds__(128) paged_decode_reduce_kernel(
-    typename Elem<DT>::T *__restrict__ out, const float *__restrict__ part_out,
-    const float *__restrict__ part_ml, const int *__restrict__ context_lens,
-    int num_heads, int head_size, int part_tokens, int nparts) {
-  typedef Elem<DT> E;
-  extern __shared__ float wts[];
-  __shared__ float total;
-  const int head = blockIdx.x, seq = blockIdx.y;
-  const int ctx = context_lens[seq];
-  const int n = min(nparts, (ctx + part_tokens - 1) / part_tokens);
-  const i64 row = (i64)seq * num_heads + head;
-  const float *ml = part_ml + row * nparts * 2;
-  float M = neg_inf();
-  for (int p = 0; p < n; ++p) M = fmaxf(M, ml[2 * p]);
-  for (int p = threadIdx.x; p < n; p += blockDim.x) wts[p] = exp2f(ml[2 * p] - M) * ml[2 * p + 1];
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float t = 0.f;
-    for (int p = 0; p < n; ++p) t += wts[p];
-    total = t;
-  }
-  __syncthreads();
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  const float *po = part_out + row * nparts * head_size;
-  for (int d = threadIdx.x; d < head_size; d += blockDim.x) {
-    float a = 0.f;
-    for (int p = 0; p < n; ++p) a = fmaf(wts[p], po[(i64)p * head_size + d], a);
-    out[row * head_size + d] = E::from_f(a * inv);
-  }
+  if (nparts > 1)
+    split_kv_finish<DT>(out, part_out, part_ml, counter, (i64)seq * num_heads + head0, nh, D,
+                        nparts, nused);
 }
 
 }  // namespace ps

@@ -23,7 +23,7 @@
 //
 // Tokens past the context are zero-filled (cp.async with source size 0), never
 // read: block-table padding is not dereferenced and 0 * NaN cannot occur.
-// Partial outputs for split-KV have the layout paged_decode_reduce_kernel reads.
+// Split-KV partials are merged by the last CTA of each head group (split_kv_finish).
 #pragma once
 #include "common.cuh"
 
@@ -125,6 +125,7 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     const typename Elem<DT>::T *__restrict__ vc,  // [blocks, Hkv, bs, D]
     const int *__restrict__ block_tables, int bt_stride,
     const int *__restrict__ context_lens,
+    unsigned *__restrict__ split_counters,        // [S, gridDim.x], zero   (nparts > 1)
     int num_heads, int num_kv_heads, int bs_log2, float scale, int part_tokens) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   typedef Elem<DT> E;
@@ -143,20 +144,33 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
   const int seq = blockIdx.y;
   const int part = blockIdx.z;
   const int nparts = gridDim.z;
-  const int ctx = context_lens[seq];
-  const int t0 = nparts == 1 ? 0 : part * part_tokens;
-  const int t1 = nparts == 1 ? ctx : min(ctx, t0 + part_tokens);
-  if (nparts > 1 && t0 >= t1) return;  // the reduction only reads partitions that hold tokens
   const int head0 = kvh * G + qg * 16;
   const int nh = min(16, G - qg * 16);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  // The group's query rows; rows past the group are zero (their scores are 0, never stored).
-  for (int i = threadIdx.x; i < 16 * CPR; i += NWARPS * 32) {
-    const int r = i / CPR, c = i % CPR;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < nh) v = *reinterpret_cast<const uint4 *>(q + seq * q_stride + (i64)(head0 + r) * D + c * 8);
-    *reinterpret_cast<uint4 *>(qs + r * DP + c * 8) = v;
+  // The group's query rows, loaded into registers first so their latency overlaps
+  // the context length and block-table lookups and the first KV copies; stored
+  // to shared memory after those are issued. Rows past the group are zero
+  // (their scores are 0, never stored).
+  enum { QV = (16 * CPR + NWARPS * 32 - 1) / (NWARPS * 32) };
+  uint4 qv[QV];
+#pragma unroll
+  for (int k = 0; k < QV; ++k) {
+    const int i = k * NWARPS * 32 + threadIdx.x, r = i / CPR, c = i % CPR;
+    qv[k] = make_uint4(0, 0, 0, 0);
+    if (i < 16 * CPR && r < nh)
+      qv[k] = *reinterpret_cast<const uint4 *>(q + seq * q_stride + (i64)(head0 + r) * D + c * 8);
+  }
+
+  const int ctx = context_lens[seq];
+  const int t0 = nparts == 1 ? 0 : part * part_tokens;
+  const int t1 = nparts == 1 ? ctx : min(ctx, t0 + part_tokens);
+  const int nused = nparts == 1 ? 1 : min(nparts, (ctx + part_tokens - 1) / part_tokens);
+  unsigned *counter = split_counters + (i64)seq * gridDim.x + blockIdx.x;
+  if (nparts > 1 && t0 >= t1) {  // no tokens here: only count this CTA as arrived
+    split_kv_finish<DT>(out, part_out, part_ml, counter, (i64)seq * num_heads + head0, nh, D,
+                        nparts, nused);
+    return;
   }
 
   const int *bt = block_tables + (i64)seq * bt_stride;
@@ -210,6 +224,11 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue(s);
 
+#pragma unroll
+  for (int k = 0; k < QV; ++k) {
+    const int i = k * NWARPS * 32 + threadIdx.x, r = i / CPR, c = i % CPR;
+    if (i < 16 * CPR) *reinterpret_cast<uint4 *>(qs + r * DP + c * 8) = qv[k];
+  }
   __syncthreads();  // qs written
   const unsigned qaddr = smem_addr(qs) + ((lane & 15) * DP + (lane >> 4) * 8) * 2;
   unsigned qa[S::QREG ? KSTEPS : 1][4];
@@ -356,6 +375,9 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
       }
     }
   }
+  if (nparts > 1)
+    split_kv_finish<DT>(out, part_out, part_ml, counter, (i64)seq * num_heads + head0, nh, D,
+                        nparts, nused);
 #endif
 }
 

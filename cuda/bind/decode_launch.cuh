@@ -11,6 +11,7 @@ namespace pscuda {
 
 template <int DT>
 void decode_dtype(const DecodeArgs &a) {
+  if (a.nparts > 1 && a.split_counters == 0) unsupported("split_counters 0 with nparts", a.nparts);
   using T = typename ps::Elem<DT>::T;
   const int bs_log2 = log2_exact(a.block_size, "block_size");
   const int G = a.num_heads / a.num_kv_heads;
@@ -25,8 +26,8 @@ void decode_dtype(const DecodeArgs &a) {
           reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
           reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
           reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
-          reinterpret_cast<const int *>(a.context_lens), a.num_heads, a.num_kv_heads, bs_log2,
-          a.scale, a.part_tokens);
+          reinterpret_cast<const int *>(a.context_lens), reinterpret_cast<unsigned *>(a.split_counters),
+          a.num_heads, a.num_kv_heads, bs_log2, a.scale, a.part_tokens);
     };
     if (a.qpb == 16) {  // tensor-core kernel (fp16/bf16): up to 16 query heads per CTA
       if constexpr (DT == ps::DT_F32) {
@@ -46,7 +47,8 @@ void decode_dtype(const DecodeArgs &a) {
             reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
             reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
             reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
-            reinterpret_cast<const int *>(a.context_lens), a.num_heads, a.num_kv_heads, bs_log2,
+            reinterpret_cast<const int *>(a.context_lens),
+            reinterpret_cast<unsigned *>(a.split_counters), a.num_heads, a.num_kv_heads, bs_log2,
             a.scale, a.part_tokens);
       }
       return;
@@ -59,15 +61,7 @@ void decode_dtype(const DecodeArgs &a) {
       default: unsupported("qpb", a.qpb);
     }
   });
-  check_launch("paged_decode_kernel");
-  if (a.nparts > 1) {
-    const dim3 grid(a.num_heads, a.num_seqs);
-    ps::paged_decode_reduce_kernel<DT><<<grid, 128, a.nparts * sizeof(float), stream>>>(
-        reinterpret_cast<T *>(a.out), reinterpret_cast<const float *>(a.part_out),
-        reinterpret_cast<const float *>(a.part_ml), reinterpret_cast<const int *>(a.context_lens),
-        a.num_heads, a.head_size, a.part_tokens, a.nparts);
-    check_launch("paged_decode_reduce_kernel");
-  }
+  check_launch("paged_decode_kernel");  // split-KV partials are merged inside the launch
 }
 
 }  // namespace pscuda

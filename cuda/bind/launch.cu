@@ -77,4 +77,34 @@ void copy_blocks(ptr src_ptrs, ptr dst_ptrs, ptr mapping, int num_pairs, int num
   check_launch("copy_blocks_kernel");
 }
 
+void memcpy_block_runs(ptr ptrs, ptr runs, int num_runs, int num_tensors, std::int64_t block_bytes,
+                       ptr stream) {
+  const auto *p = reinterpret_cast<const std::int64_t *>(ptrs);
+  const auto *r = reinterpret_cast<const std::int64_t *>(runs);
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  for (int t = 0; t < num_tensors; ++t) {
+    char *src = reinterpret_cast<char *>(p[t]);
+    char *dst = reinterpret_cast<char *>(p[num_tensors + t]);
+    for (int i = 0; i < num_runs; ++i) {
+      const cudaError_t err = cudaMemcpyAsync(dst + r[3 * i + 1] * block_bytes, src + r[3 * i] * block_bytes,
+                                              r[3 * i + 2] * block_bytes, cudaMemcpyDefault, st);
+      if (err != cudaSuccess)
+        throw std::runtime_error(std::string("swap cudaMemcpyAsync: ") + cudaGetErrorString(err));
+    }
+  }
+}
+
+int first_unpinned(ptr ptrs, int count) {
+  const auto *p = reinterpret_cast<const std::int64_t *>(ptrs);
+  for (int i = 0; i < count; ++i) {
+    cudaPointerAttributes attr;
+    if (cudaPointerGetAttributes(&attr, reinterpret_cast<const void *>(p[i])) != cudaSuccess) {
+      cudaGetLastError();  // clear the error: an unknown pointer is simply not addressable
+      return i;
+    }
+    if (attr.type == cudaMemoryTypeUnregistered) return i;
+  }
+  return -1;
+}
+
 }  // namespace pscuda

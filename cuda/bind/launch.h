@@ -17,6 +17,7 @@ struct DecodeArgs {
   ptr key_cache, value_cache, block_tables;
   int bt_stride;
   ptr context_lens;
+  ptr split_counters;  // zeroed uint32 [num_seqs, CTAs per sequence] when nparts > 1, else 0
   int num_seqs, num_heads, num_kv_heads, block_size;
   float scale;
   int part_tokens, nparts;
@@ -43,5 +44,14 @@ void write_kv(ptr key, ptr value, ptr key_cache, ptr value_cache, ptr slot_mappi
               int num_kv_heads, int row_bytes, int block_size, ptr stream);
 void copy_blocks(ptr src_ptrs, ptr dst_ptrs, ptr mapping, int num_pairs, int num_tensors,
                  std::int64_t block_bytes, ptr stream);
+// Host side of swap. `ptrs` and `runs` are HOST arrays: num_tensors source
+// pointers then num_tensors destination pointers, and [num_runs, 3] int64
+// (src block, dst block, block count). One cudaMemcpyAsync per run and tensor
+// (copy engines, no SM time, no synchronisation for pinned memory).
+void memcpy_block_runs(ptr ptrs, ptr runs, int num_runs, int num_tensors, std::int64_t block_bytes,
+                       ptr stream);
+// Index of the first of `count` pointers (a HOST int64 array) that the GPU
+// cannot address (pageable host memory), or -1 when all can.
+int first_unpinned(ptr ptrs, int count);
 
 }  // namespace pscuda

@@ -14,18 +14,20 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("decode",
         [](int dtype, int head_size, int qpb, ptr out, ptr part_out, ptr part_ml, ptr q,
            std::int64_t q_stride, ptr key_cache, ptr value_cache, ptr block_tables, int bt_stride,
-           ptr context_lens, int num_seqs, int num_heads, int num_kv_heads, int block_size,
-           float scale, int part_tokens, int nparts, ptr stream) {
+           ptr context_lens, ptr split_counters, int num_seqs, int num_heads, int num_kv_heads,
+           int block_size, float scale, int part_tokens, int nparts, ptr stream) {
           decode(DecodeArgs{dtype, head_size, qpb, out, part_out, part_ml, q, q_stride, key_cache,
-                            value_cache, block_tables, bt_stride, context_lens, num_seqs, num_heads,
-                            num_kv_heads, block_size, scale, part_tokens, nparts, stream});
+                            value_cache, block_tables, bt_stride, context_lens, split_counters,
+                            num_seqs, num_heads, num_kv_heads, block_size, scale, part_tokens,
+                            nparts, stream});
         },
         py::arg("dtype"), py::arg("head_size"), py::arg("qpb"), py::arg("out"), py::arg("part_out"),
         py::arg("part_ml"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
-        py::arg("context_lens"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"),
-        py::arg("block_size"), py::arg("scale"), py::arg("part_tokens"), py::arg("nparts"),
-        py::arg("stream"), "Decode paged attention (split-KV when nparts > 1).");
+        py::arg("context_lens"), py::arg("split_counters"), py::arg("num_seqs"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"), py::arg("scale"),
+        py::arg("part_tokens"), py::arg("nparts"), py::arg("stream"),
+        "Decode paged attention (split-KV when nparts > 1, merged in the same launch).");
 
   m.def("prefill",
         [](int dtype, int head_size, ptr out, ptr q, std::int64_t q_stride, ptr key_cache,
@@ -51,4 +53,11 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("copy_blocks", &copy_blocks, py::arg("src_ptrs"), py::arg("dst_ptrs"), py::arg("mapping"),
         py::arg("num_pairs"), py::arg("num_tensors"), py::arg("block_bytes"), py::arg("stream"),
         "Copy (src, dst) block pairs for every tensor pair in one launch.");
+
+  m.def("memcpy_block_runs", &memcpy_block_runs, py::arg("ptrs"), py::arg("runs"),
+        py::arg("num_runs"), py::arg("num_tensors"), py::arg("block_bytes"), py::arg("stream"),
+        "cudaMemcpyAsync per (run of blocks, tensor); ptrs and runs are host arrays.");
+
+  m.def("first_unpinned", &first_unpinned, py::arg("ptrs"), py::arg("count"),
+        "Index of the first host-array pointer the GPU cannot address, or -1.");
 }

@@ -122,6 +122,47 @@ def test_decode_32k(loader, dtype):
     assert rel_err(got, want) < TOL[dtype]
 
 
+def test_decode_split_counters_reset_and_graph(loader):
+    """The split-KV merge counts arriving CTAs on a persistent buffer that the last
+    CTA puts back to zero: back-to-back launches of different shapes, and a CUDA
+    graph replayed twice with new queries, must all be right."""
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for lens, heads in (([700, 5, 2000], (8, 2)), ([3000], (32, 8)), ([1, 999, 64, 300, 2500], (16, 1))):
+        H, hkv = heads
+        kc, vc, bt = paged_kv(lens, 16, hkv, 128, torch.bfloat16, gen)
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        cases.append((H, kc, vc, bt, ctx))
+    for _ in range(2):
+        for H, kc, vc, bt, ctx in cases:
+            q = torch.randn(len(ctx), H, 128, generator=gen).bfloat16()
+            want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 0.1)
+            got = run_decode(q, kc, vc, bt, ctx, 0.1, split=True)
+            assert rel_err(got, want) < 1e-2
+
+    H, kc, vc, bt, ctx = cases[0]
+    kc, vc, bt, ctx = kc.cuda(), vc.cuda(), bt.cuda(), ctx.cuda()
+    q = torch.zeros(len(ctx), H, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    old = _cuda_ops.TARGET_CTAS_PER_SM
+    _cuda_ops.TARGET_CTAS_PER_SM = 1 << 20
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.decode_attention(q, kc, vc, bt, ctx, 0.1, out=out)
+    finally:
+        _cuda_ops.TARGET_CTAS_PER_SM = old
+    for _ in range(2):
+        qh = torch.randn(q.shape, generator=gen).bfloat16()
+        q.copy_(qh)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.decode_attention(qh.double(), kc.double().cpu(), vc.double().cpu(), bt.cpu(),
+                                          ctx.cpu(), 0.1)
+        assert rel_err(out, want) < 1e-2
+
+
 def prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2)):
     H, hkv = heads
     kc, vc, bt = paged_kv(lens, block_size, hkv, head_size, dtype, gen)
@@ -211,6 +252,56 @@ def test_swap_blocks_exact(loader, method):
     ops.swap_blocks(gpu_cache, cpu_cache, torch.tensor([[2, 3]]))  # the default choice
     torch.cuda.synchronize()
     assert torch.equal(cpu_cache[3], gpu_cache[2].cpu())
+
+
+@pytest.mark.parametrize("method", [None, "memcpy", "kernel"])
+def test_swap_blocks_all_layers_one_call(loader, method):
+    """Every layer's K and V caches in one call, out and back in, with runs of
+    consecutive ids (one memcpy each) and scattered ids mixed, listed out of order."""
+    gen = torch.Generator().manual_seed(9)
+    layers, shape = 3, (2, 16, 64)
+    gpu = [torch.randn(24, *shape, generator=gen).bfloat16().cuda() for _ in range(2 * layers)]
+    cpu = [torch.randn(10, *shape, generator=gen).bfloat16().pin_memory() for _ in range(2 * layers)]
+    out_map = torch.tensor([[20, 9], [5, 0], [6, 1], [7, 2], [8, 3], [13, 6], [2, 7]])
+    want_cpu = [c.clone() for c in cpu]
+    for w, g in zip(want_cpu, gpu):
+        w[out_map[:, 1]] = g.cpu()[out_map[:, 0]]
+    _cuda_ops.swap_blocks(gpu, cpu, out_map, method=method)
+    torch.cuda.synchronize()
+    for c, w in zip(cpu, want_cpu):
+        assert torch.equal(c, w)
+    in_map = torch.tensor([[0, 23], [1, 0], [2, 1], [9, 12]])
+    want_gpu = [g.cpu() for g in gpu]
+    for w, c in zip(want_gpu, cpu):
+        w[in_map[:, 1]] = c[in_map[:, 0]]
+    _cuda_ops.swap_blocks(cpu, gpu, in_map.numpy(), method=method)  # numpy mappings work too
+    torch.cuda.synchronize()
+    for g, w in zip(gpu, want_gpu):
+        assert torch.equal(g.cpu(), w)
+    # the public op with the engine's per-cache signature and with lists
+    ops.swap_blocks(gpu[0], cpu[0], torch.tensor([[4, 5]]))
+    ops.swap_blocks(gpu[1:], cpu[1:], [[4, 5]])
+    torch.cuda.synchronize()
+    for g, c in zip(gpu, cpu):
+        assert torch.equal(c[5], g[4].cpu())
+
+
+def test_swap_blocks_pageable_and_bad_mapping(loader):
+    gen = torch.Generator().manual_seed(10)
+    gpu = torch.randn(8, 2, 16, 64, generator=gen).half().cuda()
+    cpu = torch.zeros(6, 2, 16, 64).half()  # pageable: the GPU cannot address it
+    m = torch.tensor([[1, 4], [6, 0]])
+    ops.swap_blocks(gpu, cpu, m)  # the default falls back to memcpy
+    torch.cuda.synchronize()
+    assert torch.equal(cpu[4], gpu[1].cpu()) and torch.equal(cpu[0], gpu[6].cpu())
+    with pytest.raises(ValueError, match=r"pinned memory; dst\[0\] is pageable"):
+        _cuda_ops.swap_blocks(gpu, cpu, m, method="kernel")
+    with pytest.raises(ValueError, match="block_mapping ids out of range"):
+        ops.swap_blocks(gpu, cpu.pin_memory(), torch.tensor([[1, 6]]))
+    with pytest.raises(ValueError, match="block_mapping must be"):
+        ops.swap_blocks(gpu, cpu, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"dst\[1\]"):
+        ops.swap_blocks([gpu, gpu], [cpu, cpu.float()], m)
 
 
 def test_bad_input_names_the_field(loader):

@@ -77,6 +77,14 @@ def copy_blocks(key_caches: list, value_caches: list, block_mapping) -> None:
 
 
 def swap_blocks(src_cache, dst_cache, block_mapping) -> None:
-    if src_cache.is_cuda or dst_cache.is_cuda:
-        return _cuda().swap_blocks(src_cache, dst_cache, block_mapping)
-    return reference.swap_blocks(src_cache, dst_cache, block_mapping)
+    """dst[d] <- src[s] for every (s, d) pair. src_cache / dst_cache: one cache each, or
+    equal-length sequences of caches paired by index (every layer's K and V caches):
+    the CUDA path then moves all of them in one launch or one batch of copies."""
+    srcs = [src_cache] if isinstance(src_cache, torch.Tensor) else list(src_cache)
+    dsts = [dst_cache] if isinstance(dst_cache, torch.Tensor) else list(dst_cache)
+    if srcs and dsts and (srcs[0].is_cuda or dsts[0].is_cuda):
+        return _cuda().swap_blocks(srcs, dsts, block_mapping)
+    if len(srcs) != len(dsts):
+        raise ValueError(f"src_cache has {len(srcs)} caches but dst_cache has {len(dsts)}")
+    for s, d in zip(srcs, dsts):
+        reference.swap_blocks(s, d, block_mapping)

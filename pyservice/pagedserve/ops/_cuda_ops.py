@@ -5,7 +5,12 @@ current stream."""
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
+from collections import OrderedDict
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .loaders import QPB_CHOICES, QPB_TC, decode_tc_smem_bytes, get_loader
@@ -18,7 +23,9 @@ HEAD_SIZES = (64, 80, 96, 128, 256)
 TARGET_CTAS_PER_SM: int | None = None
 CUDA_CORE_CTAS_PER_SM = 4
 MIN_PART_TOKENS = 256
-PART_ALIGN = 64  # 4 warps x 16-token tiles
+# Partition lengths of the tensor-core kernel are multiples of one 16-token tile,
+# so the partition count can fill whole waves (1 x 32768 on 132 SMs: 33 x 1008).
+PART_ALIGN = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,6 +140,29 @@ def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: i
     return (qpb, part, nparts) if nparts > 1 else (qpb, max(max_context, 1), 1)
 
 
+# Split-KV arrival counters: the last CTA of each (sequence, head group) merges
+# the partitions and puts its counter back to 0, so one zeroed buffer per device
+# serves every launch without clearing it again (no memset per step, also under
+# CUDA graphs). Split launches on one device must therefore not overlap (two
+# streams running split decodes at once); the engine runs one stream. Replaced
+# buffers stay referenced: a captured CUDA graph may still point at them.
+_COUNTERS: dict[int, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device.index)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        return fresh  # graph-pool memory, zeroed by a node of the graph: not for eager reuse
+    if buf is not None:
+        _RETIRED_COUNTERS.append(buf)
+    _COUNTERS[device.index] = fresh
+    return fresh
+
+
 def decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, out=None):
     _attention_checks("num_seqs", query, key_cache, value_cache, block_tables, context_lens)
     if not _rows_ok(query):
@@ -151,10 +181,13 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
     tc = _tc_ctas_per_sm(dev, head_size) if query.dtype != torch.float32 else 0
     qpb, part_tokens, nparts = decode_plan(num_seqs, num_heads, num_kv_heads,
                                            block_tables.shape[1] * block_size, _num_sms(dev), tc)
-    part_out = part_ml = None
+    part_out = part_ml = counters = None
+    stream = _stream(query)
     if nparts > 1:
         part_out = torch.empty(num_seqs, num_heads, nparts, head_size, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(num_seqs, num_heads, nparts, 2, dtype=torch.float32, device=query.device)
+        ctas_per_seq = num_kv_heads * -(-(num_heads // num_kv_heads) // qpb)
+        counters = _split_counters(query.device, num_seqs * ctas_per_seq)
     with torch.cuda.device(query.device):
         get_loader().decode(
             dtype=DTYPE_CODES[query.dtype], head_size=head_size, qpb=qpb, out=out.data_ptr(),
@@ -163,9 +196,10 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
             q_stride=query.stride(0), key_cache=key_cache.data_ptr(),
             value_cache=value_cache.data_ptr(), block_tables=block_tables.data_ptr(),
             bt_stride=block_tables.stride(0), context_lens=context_lens.data_ptr(),
+            split_counters=0 if counters is None else counters.data_ptr(),
             num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
             block_size=block_size, scale=float(scale), part_tokens=part_tokens, nparts=nparts,
-            stream=_stream(query))
+            stream=stream)
     return out
 
 
@@ -220,78 +254,181 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping):
             block_size=key_cache.shape[2], stream=_stream(key))
 
 
+# ---- cache ops: copy-on-write and swap ----
+#
+# Host overhead matters here: a swap of one sequence is a few MiB per layer,
+# which PCIe moves in tens of microseconds. So the block mapping stays in numpy,
+# the device table (pointers + pairs) goes up as one pinned buffer in one async
+# copy, runs of consecutive blocks are found in numpy and the per-run
+# cudaMemcpyAsync loop runs in C++; nothing synchronises.
+
+
 def _block_bytes(cache: torch.Tensor) -> int:
-    return cache[0].numel() * cache.element_size()
+    return cache.stride(0) * cache.element_size()  # contiguous: one whole block
 
 
-def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], mapping: torch.Tensor, block_bytes: int):
-    """One copy_blocks_kernel launch; pointer tables and pairs go up in one H2D copy."""
-    n, nt = mapping.shape[0], len(src_ptrs)
-    table = torch.cat([torch.tensor(src_ptrs + dst_ptrs, dtype=torch.int64), mapping.reshape(-1)])
-    table = table.pin_memory().to(device, non_blocking=True)
+def _host_pairs(block_mapping) -> np.ndarray:
+    """[n, 2] int64 (src, dst) block ids on the host (a CUDA tensor is copied back)."""
+    if isinstance(block_mapping, torch.Tensor):
+        block_mapping = block_mapping.detach().cpu()
+    m = np.asarray(block_mapping, dtype=np.int64)
+    _require(m.size % 2 == 0 and (m.ndim == 1 or m.ndim == 2 and m.shape[1] == 2),
+             f"block_mapping must be [n, 2] (src, dst) block ids, got shape {m.shape}")
+    return m.reshape(-1, 2)
+
+
+def _check_ids(m: np.ndarray, num_src: int, num_dst: int) -> None:
+    lo, hi = m.min(0), m.max(0)
+    _require(lo.min() >= 0 and hi[0] < num_src and hi[1] < num_dst,
+             f"block_mapping ids out of range: src must be in [0, {num_src}), dst in [0, {num_dst}), "
+             f"got src [{lo[0]}, {hi[0]}], dst [{lo[1]}, {hi[1]}]")
+
+
+def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], m: np.ndarray, block_bytes: int,
+                 stream: int | None = None):
+    """One copy_blocks_kernel launch over every tensor pair; the pointer tables and
+    the pairs go up as one pinned buffer in one non-blocking copy (the pinned
+    block is not reused before that copy has run: torch's host allocator records it)."""
+    nt, n = len(src_ptrs), m.shape[0]
+    host = torch.empty(2 * nt + 2 * n, dtype=torch.int64, pin_memory=True)
+    h = host.numpy()
+    h[:nt] = src_ptrs
+    h[nt:2 * nt] = dst_ptrs
+    h[2 * nt:] = m.reshape(-1)
     with torch.cuda.device(device):
+        if stream is None:
+            stream = torch.cuda.current_stream(device).cuda_stream
+        table = torch.empty(host.shape, dtype=torch.int64, device=device)
+        table.copy_(host, non_blocking=True)
         get_loader().copy_blocks(
             src_ptrs=table.data_ptr(), dst_ptrs=table.data_ptr() + 8 * nt,
             mapping=table.data_ptr() + 16 * nt, num_pairs=n, num_tensors=nt,
-            block_bytes=block_bytes, stream=torch.cuda.current_stream(device).cuda_stream)
-
-
-def _mapping(block_mapping: torch.Tensor) -> torch.Tensor:
-    m = block_mapping.to(device="cpu", dtype=torch.int64).reshape(-1, 2)
-    return m.contiguous()
+            block_bytes=block_bytes, stream=stream)
 
 
 def copy_blocks(key_caches, value_caches, block_mapping):
     caches = list(key_caches) + list(value_caches)
     if not caches:
         return
-    m = _mapping(block_mapping)
+    m = _host_pairs(block_mapping)
     if m.shape[0] == 0:
         return
     dev, bb = caches[0].device, _block_bytes(caches[0])
     for i, c in enumerate(caches):
         _check_cache(f"caches[{i}]", c, c.dtype, dev)
         _require(_block_bytes(c) == bb, "every cache in copy_blocks must have the same block size in bytes")
+    smallest = min(c.shape[0] for c in caches)
+    _check_ids(m, smallest, smallest)
     ptrs = [c.data_ptr() for c in caches]
     _launch_copy(dev, ptrs, ptrs, m, bb)
 
 
-# Swaps whose contiguous runs average at least this many bytes use cudaMemcpyAsync
-# per run (the copy engines, no SM time); scattered ones use one gather kernel
-# over mapped pinned memory instead of one small memcpy per block.
+# Swaps whose contiguous runs average at least this many bytes (per tensor) use
+# cudaMemcpyAsync per run (the copy engines, no SM time); scattered ones use one
+# gather kernel over mapped pinned memory instead of one small memcpy per block.
 SWAP_MEMCPY_MIN_RUN_BYTES = 1 << 20
 
 
-def _runs(m: torch.Tensor) -> torch.Tensor:
-    """[r, 3] (src, dst, count) runs of consecutive block ids, after sorting by src."""
-    m = m[torch.argsort(m[:, 0])]
-    brk = torch.ones(m.shape[0], dtype=torch.bool)
+def _runs(m: np.ndarray) -> np.ndarray:
+    """[r, 3] int64 (src, dst, count) runs of consecutive block ids, after sorting by src."""
+    if m.shape[0] > 1 and (m[1:, 0] < m[:-1, 0]).any():
+        m = m[np.argsort(m[:, 0], kind="stable")]
+    brk = np.ones(m.shape[0], dtype=bool)
     brk[1:] = (m[1:, 0] != m[:-1, 0] + 1) | (m[1:, 1] != m[:-1, 1] + 1)
-    starts = torch.nonzero(brk).flatten()
-    counts = torch.diff(starts, append=torch.tensor([m.shape[0]]))
-    return torch.cat([m[starts], counts[:, None]], 1)
+    starts = np.flatnonzero(brk)
+    counts = np.diff(np.append(starts, m.shape[0]))
+    return np.ascontiguousarray(np.column_stack([m[starts], counts]), dtype=np.int64)
 
 
-def swap_blocks(src_cache, dst_cache, block_mapping, method: str | None = None):
-    """GPU <-> pinned CPU block transfer. method: None (choose), "memcpy" or "kernel"."""
-    _require(src_cache.shape[1:] == dst_cache.shape[1:] and src_cache.dtype == dst_cache.dtype,
-             "src_cache and dst_cache must have the same block shape and dtype")
-    _require(src_cache.is_contiguous() and dst_cache.is_contiguous(), "swap caches must be contiguous")
-    m = _mapping(block_mapping)
+def _cache_list(x, name: str) -> list:
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    _require(len(xs) > 0, f"{name} must be a cache tensor or a non-empty sequence of them")
+    return xs
+
+
+class _SwapSet(NamedTuple):
+    src_ptrs: list
+    dst_ptrs: list
+    num_src: int  # the smallest pool of each side bounds its block ids
+    num_dst: int
+    block_bytes: int
+    gpu_dev: torch.device
+    unpinned: str | None  # "dst[i]" / "src[i]": a host cache the GPU cannot address
+
+
+def _validate_swap(srcs: list, dsts: list) -> _SwapSet:
+    _require(len(srcs) == len(dsts), f"src has {len(srcs)} caches but dst has {len(dsts)}")
+    block_shape, dtype = srcs[0].shape[1:], srcs[0].dtype
+    src_dev, dst_dev = srcs[0].device, dsts[0].device
+    _require(src_dev.type == "cuda" or dst_dev.type == "cuda", "swap_blocks needs CUDA caches on one side")
+    for name, group, dev in (("src", srcs, src_dev), ("dst", dsts, dst_dev)):
+        for i, c in enumerate(group):
+            _require(c.shape[1:] == block_shape and c.dtype == dtype and c.device == dev,
+                     f"{name}[{i}]: every swap cache must have the block shape and dtype of src[0] "
+                     f"and its side's device")
+            _require(c.is_contiguous(), f"{name}[{i}]: swap caches must be contiguous")
+    gpu_dev = src_dev if src_dev.type == "cuda" else dst_dev
+    src_ptrs, dst_ptrs = [c.data_ptr() for c in srcs], [c.data_ptr() for c in dsts]
+    unpinned = None
+    if src_dev.type != "cuda" or dst_dev.type != "cuda":
+        host_name, host_ptrs = ("dst", dst_ptrs) if src_dev.type == "cuda" else ("src", src_ptrs)
+        ptrs = np.array(host_ptrs, dtype=np.int64)
+        with torch.cuda.device(gpu_dev):
+            bad = get_loader().first_unpinned(ptrs.ctypes.data, len(ptrs))
+        unpinned = f"{host_name}[{bad}]" if bad >= 0 else None
+    return _SwapSet(src_ptrs, dst_ptrs, min(c.shape[0] for c in srcs), min(c.shape[0] for c in dsts),
+                    _block_bytes(srcs[0]), gpu_dev, unpinned)
+
+
+# Validated cache lists of recent swaps, keyed by the tensors' ids and confirmed
+# through weak references: an engine swapping the same 64 layer caches every
+# step pays the per-tensor checks (about 5 us each) once. Caches are never
+# resized or re-pointed in place.
+_SWAP_SETS: OrderedDict = OrderedDict()
+_SWAP_SETS_MAX = 8
+
+
+def _swap_set(srcs: list, dsts: list) -> _SwapSet:
+    key = (tuple(map(id, srcs)), tuple(map(id, dsts)))
+    hit = _SWAP_SETS.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], itertools.chain(srcs, dsts))):
+        return hit[1]
+    info = _validate_swap(srcs, dsts)
+    _SWAP_SETS[key] = ([weakref.ref(t) for t in itertools.chain(srcs, dsts)], info)
+    while len(_SWAP_SETS) > _SWAP_SETS_MAX:
+        _SWAP_SETS.popitem(last=False)
+    return info
+
+
+def swap_blocks(src, dst, block_mapping, method: str | None = None):
+    """dst[d] <- src[s] for every (s, d) of block_mapping, between the GPU pool and
+    a pinned CPU pool (either way). src and dst are one cache each, or equal-length
+    sequences of caches paired by index (every layer's K and V caches: the whole
+    swap in one call, one launch or one C++ memcpy loop).
+    method: None (choose), "memcpy" or "kernel"."""
+    _require(method in (None, "memcpy", "kernel"), f"method must be None, 'memcpy' or 'kernel', got {method!r}")
+    srcs, dsts = _cache_list(src, "src"), _cache_list(dst, "dst")
+    info = _swap_set(srcs, dsts)
+    m = _host_pairs(block_mapping)
     if m.shape[0] == 0:
         return
-    gpu = src_cache if src_cache.is_cuda else dst_cache
-    host = dst_cache if src_cache.is_cuda else src_cache
-    bb = _block_bytes(src_cache)
-    runs = _runs(m)
+    _check_ids(m, info.num_src, info.num_dst)
+    bb = info.block_bytes
+    runs = None
     if method is None:
-        # the plain copy engines win once runs are long; scattered blocks go to the kernel
-        pinned = host.is_cuda or host.is_pinned()
-        method = "memcpy" if not pinned or m.shape[0] * bb >= len(runs) * SWAP_MEMCPY_MIN_RUN_BYTES else "kernel"
-    if method == "kernel":
-        _require(host.is_cuda or host.is_pinned(), "swap kernel needs the CPU cache in pinned memory")
-        _launch_copy(gpu.device, [src_cache.data_ptr()], [dst_cache.data_ptr()], m, bb)
-        return
-    with torch.cuda.device(gpu.device):
-        for s, d, n in runs.tolist():
-            dst_cache[d:d + n].copy_(src_cache[s:s + n], non_blocking=True)
+        runs = _runs(m)
+        long_runs = m.shape[0] * bb >= runs.shape[0] * SWAP_MEMCPY_MIN_RUN_BYTES
+        method = "memcpy" if long_runs or info.unpinned else "kernel"
+    elif method == "kernel":
+        _require(info.unpinned is None,
+                 f"swap kernel needs the CPU caches in pinned memory; {info.unpinned} is pageable")
+    with torch.cuda.device(info.gpu_dev):
+        stream = torch.cuda.current_stream(info.gpu_dev).cuda_stream
+        if method == "kernel":
+            _launch_copy(info.gpu_dev, info.src_ptrs, info.dst_ptrs, m, bb, stream)
+            return
+        runs = _runs(m) if runs is None else runs
+        ptrs = np.array(info.src_ptrs + info.dst_ptrs, dtype=np.int64)
+        get_loader().memcpy_block_runs(ptrs=ptrs.ctypes.data, runs=runs.ctypes.data,
+                                       num_runs=runs.shape[0], num_tensors=len(srcs),
+                                       block_bytes=bb, stream=stream)

@@ -12,6 +12,7 @@ imports, else ``cupy``; ``set_loader`` forces one (tests run both).
 
 from __future__ import annotations
 
+import ctypes
 import pathlib
 import re
 
@@ -84,6 +85,8 @@ class CompiledLoader:
         self.prefill = _cuda.prefill
         self.write_kv = _cuda.write_kv
         self.copy_blocks = _cuda.copy_blocks
+        self.memcpy_block_runs = _cuda.memcpy_block_runs
+        self.first_unpinned = _cuda.first_unpinned
 
 
 def kernel_source_dir() -> pathlib.Path:
@@ -136,8 +139,7 @@ class CupyLoader:
         names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>" for q in QPB_CHOICES]
         if dtype != 0:  # no fp32 tensor-core path
             names.append(f"ps::paged_decode_tc_kernel<{dtype},{head_size}>")
-        names += [f"ps::paged_decode_reduce_kernel<{dtype}>",
-                  f"ps::paged_prefill_kernel<{dtype},{head_size}>"]
+        names.append(f"ps::paged_prefill_kernel<{dtype},{head_size}>")
         return self._module((dtype, head_size), names).get_function(name)
 
     def _launch(self, fn, grid, block, args, stream, smem=0):
@@ -152,12 +154,14 @@ class CupyLoader:
                 fn(grid, block, args, shared_mem=smem)
 
     def decode(self, *, dtype, head_size, qpb, out, part_out, part_ml, q, q_stride, key_cache,
-               value_cache, block_tables, bt_stride, context_lens, num_seqs, num_heads,
-               num_kv_heads, block_size, scale, part_tokens, nparts, stream):
+               value_cache, block_tables, bt_stride, context_lens, split_counters, num_seqs,
+               num_heads, num_kv_heads, block_size, scale, part_tokens, nparts, stream):
         if head_size not in (64, 80, 96, 128, 256):
             raise ValueError(f"head_size {head_size} is not supported")
         if qpb not in QPB_CHOICES + (QPB_TC,) or (qpb == QPB_TC and dtype == 0):
             raise ValueError(f"qpb {qpb} is not supported for dtype code {dtype}")
+        if nparts > 1 and not split_counters:
+            raise ValueError(f"split_counters is required with nparts {nparts}")
         bs_log2 = _log2(block_size, "block_size")
         group = num_heads // num_kv_heads
         smem = 0
@@ -171,14 +175,9 @@ class CupyLoader:
         grid = (num_kv_heads * -(-group // qpb), num_seqs, nparts)
         u, i32, i64 = np.uint64, np.int32, np.int64
         args = (u(out), u(part_out), u(part_ml), u(q), i64(q_stride), u(key_cache), u(value_cache),
-                u(block_tables), i32(bt_stride), u(context_lens), i32(num_heads),
+                u(block_tables), i32(bt_stride), u(context_lens), u(split_counters), i32(num_heads),
                 i32(num_kv_heads), i32(bs_log2), np.float32(scale), i32(part_tokens))
         self._launch(fn, grid, (DECODE_THREADS, 1, 1), args, stream, smem=smem)
-        if nparts > 1:
-            fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_reduce_kernel<{dtype}>")
-            args = (u(out), u(part_out), u(part_ml), u(context_lens), i32(num_heads),
-                    i32(head_size), i32(part_tokens), i32(nparts))
-            self._launch(fn, (num_heads, num_seqs, 1), (128, 1, 1), args, stream, smem=4 * nparts)
 
     def prefill(self, *, dtype, head_size, out, q, q_stride, key_cache, value_cache,
                 block_tables, bt_stride, query_start_loc, context_lens, num_seqs, num_tokens,
@@ -222,3 +221,28 @@ class CupyLoader:
         args = (u(src_ptrs), u(dst_ptrs), u(mapping), np.int64(block_bytes))
         self._launch(self._cache_fn("ps::copy_blocks_kernel"), (num_pairs, num_tensors, 1),
                      (256, 1, 1), args, stream)
+
+    def memcpy_block_runs(self, ptrs, runs, num_runs, num_tensors, block_bytes, stream):
+        p = _host_i64(ptrs, 2 * num_tensors).tolist()
+        r = _host_i64(runs, 3 * num_runs).tolist()
+        memcpy, kind = self._cp.cuda.runtime.memcpyAsync, 4  # cudaMemcpyDefault
+        for t in range(num_tensors):
+            src, dst = p[t], p[num_tensors + t]
+            for i in range(num_runs):
+                s, d, n = r[3 * i:3 * i + 3]
+                memcpy(dst + d * block_bytes, src + s * block_bytes, n * block_bytes, kind, stream)
+
+    def first_unpinned(self, ptrs, count):
+        rt = self._cp.cuda.runtime
+        for i, p in enumerate(_host_i64(ptrs, count).tolist()):
+            try:
+                if rt.pointerGetAttributes(p).type == 0:  # cudaMemoryTypeUnregistered
+                    return i
+            except rt.CUDARuntimeError:
+                return i
+        return -1
+
+
+def _host_i64(address: int, n: int) -> np.ndarray:
+    """A view of n int64 values at a host address (the loaders' host-array arguments)."""
+    return np.ctypeslib.as_array((ctypes.c_int64 * n).from_address(address)) if n else np.empty(0, np.int64)
