@@ -1,5 +1,7 @@
-"""The torch reference of pagedserve.ops against plain per-sequence float64
-attention written independently here (loops, explicit softmax)."""
+"""The torch reference of pagedserve.ops and the fast CPU path (ops.cpu_attention, what
+`ops` runs for CPU tensors) against plain per-sequence float64 attention written
+independently here (loops, explicit softmax), and the fast path in fp32/bf16 against the
+float64 reference."""
 
 import math
 
@@ -7,7 +9,9 @@ import pytest
 import torch
 
 from pagedserve import ops
-from pagedserve.ops import reference
+from pagedserve.ops import cpu_attention, reference
+
+IMPLS = pytest.mark.parametrize("impl", [reference, cpu_attention], ids=["reference", "cpu"])
 
 
 def dense_attention(q, k, v, scale, causal_offset=None):
@@ -54,9 +58,10 @@ def make_paged(lens, block_size, hkv, d, num_blocks=None, gen=None, share=True):
     return kc, vc, bt, dense
 
 
+@IMPLS
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)])
-def test_decode_matches_dense(block_size, heads):
+def test_decode_matches_dense(block_size, heads, impl):
     gen = torch.Generator().manual_seed(1)
     H, hkv = heads
     d = 16
@@ -64,7 +69,7 @@ def test_decode_matches_dense(block_size, heads):
     kc, vc, bt, dense = make_paged(lens, block_size, hkv, d, gen=gen)
     q = torch.randn(len(lens), H, d, dtype=torch.float64, generator=gen)
     scale = d ** -0.5
-    out = ops.decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale)
+    out = impl.decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale)
     for s, (k, v) in enumerate(dense):
         want = dense_attention(q[s:s + 1], k, v, scale)
         torch.testing.assert_close(out[s:s + 1], want, rtol=1e-12, atol=1e-12)
@@ -81,8 +86,9 @@ def test_decode_low_precision_close():
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
 
 
+@IMPLS
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
-def test_prefill_matches_dense_with_cached_prefixes(heads):
+def test_prefill_matches_dense_with_cached_prefixes(heads, impl):
     gen = torch.Generator().manual_seed(3)
     H, hkv = heads
     d, bs = 16, 8
@@ -91,7 +97,7 @@ def test_prefill_matches_dense_with_cached_prefixes(heads):
     kc, vc, bt, dense = make_paged(lens, bs, hkv, d, gen=gen)
     q = torch.randn(sum(new), H, d, dtype=torch.float64, generator=gen)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
-    out = ops.prefill_attention(q, kc, vc, bt, qsl, torch.tensor(lens, dtype=torch.int32), 0.3)
+    out = impl.prefill_attention(q, kc, vc, bt, qsl, torch.tensor(lens, dtype=torch.int32), 0.3)
     for s, (k, v) in enumerate(dense):
         a, b = int(qsl[s]), int(qsl[s + 1])
         want = dense_attention(q[a:b], k, v, 0.3, causal_offset=lens[s] - new[s])
@@ -148,3 +154,121 @@ def test_empty_context_gives_zeros():
     out = reference.decode_attention(q, kc, vc, torch.zeros(2, 1, dtype=torch.int32),
                                      torch.tensor([0, 0], dtype=torch.int32), 1.0)
     assert torch.equal(out, torch.zeros_like(q))
+
+
+# ---- the fast CPU path in the engine's dtypes against the float64 reference ----
+
+def rel_err(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
+# Many lengths (several length groups, partial and full blocks, 1 token) and a shared
+# prefix block, over scattered ids, in the SmolLM2 head shape (9 query / 3 KV heads).
+DECODE_LENS = [1, 15, 16, 17, 40, 63, 64, 65, 100, 131, 180, 181, 200, 257, 300, 33, 2, 90]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("split", [False, True])
+def test_fast_decode_close_to_float64(dtype, tol, split, monkeypatch):
+    if split:  # tiny groups: every sequence its own gather, results must not change
+        monkeypatch.setattr(cpu_attention, "_GROUP_MAX_BYTES", 1)
+    gen = torch.Generator().manual_seed(5)
+    kc, vc, bt, _ = make_paged(DECODE_LENS, 16, 3, 64, gen=gen)
+    ctx = torch.tensor(DECODE_LENS, dtype=torch.int32)
+    q = torch.randn(len(DECODE_LENS), 9, 64, dtype=torch.float64, generator=gen).to(dtype)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 0.125)
+    got = ops.decode_attention(q, kc, vc, bt, ctx, 0.125)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_err(got, want) < tol
+    for s in range(len(DECODE_LENS)):  # no sequence is off, however small its share of the norm
+        assert rel_err(got[s], want[s]) < 2 * tol, s
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("path", ["default", "sdpa"])
+def test_fast_prefill_close_to_float64(dtype, tol, path, monkeypatch):
+    if path == "sdpa":  # 16-bit groups otherwise take the matmul path
+        monkeypatch.setattr(cpu_attention, "_MATMUL_MAX_SCORES", 0)
+    gen = torch.Generator().manual_seed(6)
+    lens = [90, 17, 40, 33, 70, 16, 5, 64]   # tokens in cache after the step
+    new = [90, 17, 9, 1, 70, 16, 5, 30]      # full prompts, chunks after a cached prefix, decode-like
+    kc, vc, bt, _ = make_paged(lens, 16, 3, 64, gen=gen)
+    qsl = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(sum(new), 9, 64, dtype=torch.float64, generator=gen).to(dtype)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    want = reference.prefill_attention(q.double(), kc.double(), vc.double(), bt, qsl, ctx, 0.125)
+    got = ops.prefill_attention(q, kc, vc, bt, qsl, ctx, 0.125)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_err(got, want) < tol
+    for s in range(len(lens)):
+        a, b = int(qsl[s]), int(qsl[s + 1])
+        assert rel_err(got[a:b], want[a:b]) < 2 * tol, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_ignores_poisoned_slots(dtype):
+    """NaN in every slot past a context and in the padding of the block tables (a reused
+    block's stale bytes) must not reach any output."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [5, 20, 33]
+    kc, vc, bt, _ = make_paged(lens, 16, 2, 32, gen=gen, share=False)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(3, 4, 32, dtype=torch.float64, generator=gen).to(dtype)
+    clean_dec = ops.decode_attention(q, kc, vc, bt, ctx, 0.2)
+    qp = torch.randn(sum(lens), 4, 32, dtype=torch.float64, generator=gen).to(dtype)
+    qsl = torch.tensor([0, 5, 25, 58], dtype=torch.int32)
+    clean_pre = ops.prefill_attention(qp, kc, vc, bt, qsl, ctx, 0.2)
+    used = {(int(bt[s, p // 16]), p % 16) for s, n in enumerate(lens) for p in range(n)}
+    for b in range(kc.shape[0]):
+        for o in range(16):
+            if (b, o) not in used:
+                kc[b, :, o] = float("nan")
+                vc[b, :, o] = float("nan")
+    bt[:, 3:] = int(bt[0, 0])     # padding points at a real block instead of out of range
+    assert torch.equal(ops.decode_attention(q, kc, vc, bt, ctx, 0.2), clean_dec)
+    assert torch.equal(ops.prefill_attention(qp, kc, vc, bt, qsl, ctx, 0.2), clean_pre)
+
+
+def test_fast_path_plan_follows_changed_inputs():
+    """The grouping plan is reused across layers while tables/lengths are equal: a
+    table or length changed in place must be seen."""
+    gen = torch.Generator().manual_seed(8)
+    kc, vc, bt, _ = make_paged([40, 40], 16, 1, 16, gen=gen, share=False)
+    q = torch.randn(2, 2, 16, dtype=torch.float64, generator=gen)
+    ctx = torch.tensor([40, 40], dtype=torch.int32)
+    first = ops.decode_attention(q, kc, vc, bt, ctx, 0.5)
+    ctx[1] = 17
+    got = ops.decode_attention(q, kc, vc, bt, ctx, 0.5)
+    torch.testing.assert_close(got, reference.decode_attention(q, kc, vc, bt, ctx, 0.5),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0], first[0]) and not torch.equal(got[1], first[1])
+    bt[0, :3] = bt[1, :3].clone()
+    torch.testing.assert_close(ops.decode_attention(q, kc, vc, bt, ctx, 0.5),
+                               reference.decode_attention(q, kc, vc, bt, ctx, 0.5),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_fast_path_out_strided_query_and_empty_contexts():
+    gen = torch.Generator().manual_seed(9)
+    kc, vc, bt, _ = make_paged([9, 30, 4], 8, 2, 16, gen=gen)
+    ctx = torch.tensor([9, 0, 4], dtype=torch.int32)   # an empty context attends to nothing
+    fused = torch.randn(3, 6, 16, dtype=torch.float64, generator=gen)
+    q = fused[:, :4]                                    # row-strided, as the model passes it
+    out = torch.full((3, 4, 16), float("nan"), dtype=torch.float64)
+    got = ops.decode_attention(q, kc, vc, bt, ctx, 0.3, out=out)
+    assert got is out
+    want = reference.decode_attention(q, kc, vc, bt, ctx, 0.3)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[1], torch.zeros(4, 16, dtype=torch.float64))
+
+
+def test_fast_prefill_rejects_context_shorter_than_new_tokens():
+    kc, vc = ops.allocate_kv_cache(4, 8, 1, 16, torch.float32, "cpu")
+    q = torch.randn(5, 2, 16)
+    with pytest.raises(ValueError, match="context_lens"):
+        ops.prefill_attention(q, kc, vc, torch.zeros(1, 2, dtype=torch.int32),
+                              torch.tensor([0, 5], dtype=torch.int32),
+                              torch.tensor([3], dtype=torch.int32), 1.0)

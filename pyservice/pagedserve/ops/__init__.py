@@ -1,6 +1,8 @@
 """Paged-attention and KV-cache ops, dispatched by device.
 
-CPU tensors run the torch reference (``reference.py``); CUDA tensors run the
+CPU tensors run ``cpu_attention.py`` (attention: length-grouped gathers and batched
+matmuls) and the torch reference (``reference.py``, also the float64 oracle of every
+test) for the cache ops; CUDA tensors run the
 kernels of cuda/ through the compiled ``pagedserve._cuda`` module or, when the
 package was built without nvcc, through CuPy/NVRTC (``loaders.py``).
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import cpu_attention, reference
 from .loaders import available_loaders, get_loader, set_loader
 
 __all__ = [
@@ -25,13 +27,6 @@ def _cuda():
     from . import _cuda_ops  # imported lazily: CPU-only installs never touch it
 
     return _cuda_ops
-
-
-def _into(out, result):
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
@@ -55,8 +50,8 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
     if query.is_cuda:
         return _cuda().decode_attention(query, key_cache, value_cache, block_tables, context_lens,
                                         scale, out)
-    return _into(out, reference.decode_attention(query, key_cache, value_cache, block_tables,
-                                                 context_lens, scale))
+    return cpu_attention.decode_attention(query, key_cache, value_cache, block_tables,
+                                          context_lens, scale, out=out)
 
 
 def prefill_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
@@ -65,8 +60,8 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
     if query.is_cuda:
         return _cuda().prefill_attention(query, key_cache, value_cache, block_tables,
                                          query_start_loc, context_lens, scale, out)
-    return _into(out, reference.prefill_attention(query, key_cache, value_cache, block_tables,
-                                                  query_start_loc, context_lens, scale))
+    return cpu_attention.prefill_attention(query, key_cache, value_cache, block_tables,
+                                           query_start_loc, context_lens, scale, out=out)
 
 
 def copy_blocks(key_caches: list, value_caches: list, block_mapping) -> None:
