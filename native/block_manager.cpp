@@ -174,20 +174,26 @@ void BlockManager::append_token(Block& block, TokenId token) {
   ++block.num_tokens;
 }
 
-void BlockManager::seal_if_full(const Sequence& s, size_t index) {
+void BlockManager::seal(const Sequence& s, size_t index) {
   auto& pool = s.device == Device::kGpu ? gpu_ : cpu_;
-  BlockId id = s.table[index];
-  Block& b = pool[id];
-  if (b.num_tokens != block_size_) return;
+  Block& b = pool[s.table[index]];
+  if (b.content_id != 0) return;  // shared and already sealed by another holder
   const Block* parent = previous_block(s, index);
   b.salt = s.salt;
   b.parent_content_id = parent ? parent->content_id : 0;
-  b.content_id = next_content_id_++;
-  if (!enable_prefix_caching_ || s.device != Device::kGpu) return;
+  if (!enable_prefix_caching_ || s.device != Device::kGpu) {
+    b.content_id = next_content_id_++;
+    return;
+  }
   b.hash = chain_hash(parent ? parent->hash : kRootHash, s.salt, b.tokens.data());
-  // Two sequences may compute the same block before either is cached; keep the first.
-  if (!find_cached(b.hash, b)) {
-    cache_.emplace(b.hash, id);
+  // Two sequences may compute the same block before either is cached: keep the first
+  // in the cache, and let the twin take its name, so blocks that follow either one
+  // chain onto the cached entry.
+  if (auto twin = find_cached(b.hash, b)) {
+    b.content_id = gpu_[*twin].content_id;
+  } else {
+    b.content_id = next_content_id_++;
+    cache_.emplace(b.hash, s.table[index]);
     b.cached = true;
   }
 }
@@ -213,11 +219,11 @@ int64_t BlockManager::allocate(SeqId seq, const std::vector<TokenId>& token_ids,
     s.table.push_back(id);
   }
   s.num_tokens = static_cast<int64_t>(hits.size()) * block_size_;
+  s.num_sealed = hits.size();
   for (size_t pos = s.num_tokens; pos < token_ids.size(); ++pos) {
     if (pos % block_size_ == 0) s.table.push_back(take_gpu_block());
     append_token(gpu_[s.table.back()], token_ids[pos]);
     ++s.num_tokens;
-    if ((pos + 1) % block_size_ == 0) seal_if_full(s, s.table.size() - 1);
   }
   int64_t cached_tokens = static_cast<int64_t>(hits.size()) * block_size_;
   stats_.prefix_cache_queries += static_cast<int64_t>(token_ids.size());
@@ -259,7 +265,6 @@ std::optional<BlockPair> BlockManager::append_slot(SeqId seq, TokenId token) {
   }
   append_token(gpu_[s.table.back()], token);
   ++s.num_tokens;
-  seal_if_full(s, s.table.size() - 1);
 #ifdef PAGEDSERVE_CHECK_INVARIANTS
   check_invariants();
 #endif
@@ -298,6 +303,22 @@ std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs
   for (size_t i = 0; i < seqs.size(); ++i)
     if (auto c = append_slot(seqs[i], tokens[i])) copies.push_back(*c);
   return copies;
+}
+
+void BlockManager::mark_computed(const std::vector<SeqId>& seqs, const std::vector<int64_t>& num_computed) {
+  if (seqs.size() != num_computed.size())
+    throw std::invalid_argument("seq_ids and num_computed must have the same length");
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    Sequence& s = seq_or_throw(seqs[i]);
+    if (num_computed[i] < 0 || num_computed[i] > s.num_tokens)
+      throw std::invalid_argument("num_computed " + std::to_string(num_computed[i]) + " of " +
+                                  seq_name(seqs[i]) + " is outside [0, " + std::to_string(s.num_tokens) + "]");
+    size_t full = static_cast<size_t>(num_computed[i] / block_size_);
+    for (; s.num_sealed < full; ++s.num_sealed) seal(s, s.num_sealed);
+  }
+#ifdef PAGEDSERVE_CHECK_INVARIANTS
+  check_invariants();
+#endif
 }
 
 // ---------------------------------------------------- sharing and release ----
@@ -507,9 +528,12 @@ void BlockManager::check_invariants() const {
     const auto& pool = s.device == Device::kGpu ? gpu_ : cpu_;
     int64_t want_blocks = (s.num_tokens + block_size_ - 1) / block_size_;
     if (static_cast<int64_t>(s.table.size()) != want_blocks) fail(seq_name(id) + " has a table of the wrong length");
+    if (s.num_sealed > s.table.size()) fail(seq_name(id) + " has more sealed blocks than blocks");
     for (size_t i = 0; i < s.table.size(); ++i) {
       BlockId b = s.table[i];
       if (b < 0 || b >= static_cast<BlockId>(pool.size())) fail(seq_name(id) + " holds an out-of-range block");
+      if (i < s.num_sealed && (pool[b].content_id == 0 || pool[b].num_tokens != block_size_))
+        fail(seq_name(id) + " has a sealed block that is not full and named");
       ++refs[b];
       int64_t want = std::min<int64_t>(block_size_, s.num_tokens - static_cast<int64_t>(i) * block_size_);
       if (pool[b].num_tokens != want || static_cast<int64_t>(pool[b].tokens.size()) != want)

@@ -58,7 +58,8 @@ struct Block {
 struct Sequence {
   Device device = Device::kGpu;
   std::vector<BlockId> table;
-  int64_t num_tokens = 0;
+  int64_t num_tokens = 0;    // tokens with a slot
+  size_t num_sealed = 0;     // leading blocks that are full and computed
   uint64_t salt = 0;
 };
 
@@ -85,6 +86,12 @@ class BlockManager {
   // One decode step for many sequences; all-or-nothing when blocks run short.
   std::vector<BlockPair> append_slots(const std::vector<SeqId>& seqs,
                                       const std::vector<TokenId>& tokens);
+
+  // The forward has written the KV of each sequence's first `num_computed` tokens.
+  // Only now do its full blocks join the prefix cache: a slot is reserved before its
+  // KV exists (a prompt chunk or a sampled token runs in a later step), and a hit must
+  // never point at KV nobody has written yet.
+  void mark_computed(const std::vector<SeqId>& seqs, const std::vector<int64_t>& num_computed);
 
   // --- sharing and release -----------------------------------------------------
   void fork(SeqId parent, SeqId child);
@@ -136,7 +143,7 @@ class BlockManager {
   BlockId take_cpu_block();
   void release_cpu(BlockId id);
   void append_token(Block& block, TokenId token);
-  void seal_if_full(const Sequence& s, size_t index);  // name a full block, cache it
+  void seal(const Sequence& s, size_t index);  // name a full computed block, cache it
   const Block* previous_block(const Sequence& s, size_t index) const;
   std::optional<BlockId> find_cached(uint64_t hash, const Block& like) const;
   void uncache(BlockId id);

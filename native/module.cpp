@@ -67,6 +67,7 @@ PYBIND11_MODULE(_native, m) {
              return bm.append_slots(seqs, to_token_ids(ids));
            },
            py::arg("seq_ids"), py::arg("token_ids"))
+      .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_ids"), py::arg("num_computed"))
       .def("fork", &BlockManager::fork, py::arg("parent_seq_id"), py::arg("child_seq_id"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
       .def("can_swap_out", &BlockManager::can_swap_out, py::arg("seq_ids"))

@@ -32,6 +32,7 @@ class KvShadow:
         self.tokens[seq] = list(tokens)
         for pos in range(cached, len(tokens)):
             self._write(seq, pos, tokens[pos])
+        self.bm.mark_computed([seq], [len(tokens)])
         return cached
 
     def append_many(self, seqs: list[int], tokens: list[int]) -> list[tuple[int, int]]:
@@ -40,6 +41,7 @@ class KvShadow:
         for seq, token in zip(seqs, tokens):
             self.tokens[seq].append(token)
             self._write(seq, len(self.tokens[seq]) - 1, token)
+        self.bm.mark_computed(seqs, [len(self.tokens[s]) for s in seqs])
         return copies
 
     def fork(self, parent: int, child: int) -> None:

@@ -63,11 +63,23 @@ def test_prefix_cache_hits_verify_tokens_under_forced_collisions():
     kv.verify()
 
 
+def test_a_block_is_served_from_the_cache_only_after_its_kv_was_computed():
+    bm = BlockManager(16, 0, 4, watermark=0)
+    bm.allocate(1, list(range(9)))
+    assert bm.allocate(2, list(range(9))) == 0  # the first prefill has not run yet
+    bm.mark_computed([1, 2], [4, 9])  # seq 1 ran one chunk, seq 2 its whole prompt
+    assert bm.num_cached_blocks == 2  # block 0 twice is kept once; seq 2's block 1
+    assert bm.allocate(3, list(range(9))) == 8
+    with pytest.raises(ValueError, match="num_computed 10 of sequence 1 is outside"):
+        bm.mark_computed([1], [10])
+
+
 def test_tenants_with_different_salts_never_share():
     bm = BlockManager(16, 0, 4, watermark=0)
     prompt = list(range(9))
     assert bm.allocate(1, prompt, salt=11) == 0
     assert bm.allocate(2, prompt, salt=22) == 0
+    bm.mark_computed([1, 2], [9, 9])
     assert bm.allocate(3, prompt, salt=11) == 8
     assert bm.block_table(3)[:2] == bm.block_table(1)[:2]
     assert set(bm.block_table(2)).isdisjoint(bm.block_table(1))
@@ -76,6 +88,7 @@ def test_tenants_with_different_salts_never_share():
 def test_disabled_prefix_caching_never_hits():
     bm = BlockManager(16, 0, 4, enable_prefix_caching=False, watermark=0)
     bm.allocate(1, list(range(9)))
+    bm.mark_computed([1], [9])
     assert bm.allocate(2, list(range(9))) == 0
     assert bm.num_cached_blocks == 0
 

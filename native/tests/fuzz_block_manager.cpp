@@ -3,7 +3,8 @@
 // small pools (so blocks run out and get evicted) and a tiny vocabulary (so prompts
 // share prefixes and a 2-bit hash collides all the time). After every operation the
 // manager's invariants are recomputed and every sequence is read back through a
-// shadow KV pool. Usage: fuzz_block_manager [seconds] [seed]; PAGEDSERVE_FUZZ_SECONDS
+// shadow KV pool; in half the episodes KV is computed only steps after its slots are
+// reserved, as in the engine. Usage: fuzz_block_manager [seconds] [seed]; PAGEDSERVE_FUZZ_SECONDS
 // overrides the duration.
 #include <chrono>
 #include <cstdio>
@@ -26,7 +27,7 @@ struct Config {
 int64_t run_episode(std::mt19937_64& rng, const Config& cfg, int ops) {
   BlockManager bm(cfg.gpu_blocks, cfg.cpu_blocks, cfg.block_size, cfg.prefix_caching, 0.0, 8,
                   cfg.hash_bits);
-  KvShadow kv(bm);
+  KvShadow kv(bm, /*eager*/ rng() % 2 == 0);
   auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
   SeqId next_id = 0;
   int64_t done = 0;
@@ -34,7 +35,7 @@ int64_t run_episode(std::mt19937_64& rng, const Config& cfg, int ops) {
     const auto& seqs = kv.sequences();
     std::vector<SeqId> gpu_seqs, cpu_seqs;
     for (const auto& [id, t] : seqs) (bm.device_of(id) == Device::kGpu ? gpu_seqs : cpu_seqs).push_back(id);
-    switch (pick(8)) {
+    switch (pick(9)) {
       case 0:
       case 1: {  // allocate a prompt drawn from a tiny vocabulary: prefixes repeat
         std::vector<TokenId> prompt(1 + pick(4 * cfg.block_size));
@@ -82,6 +83,9 @@ int64_t run_episode(std::mt19937_64& rng, const Config& cfg, int ops) {
         if (bm.can_swap_out(group)) kv.swap_out(group);
         break;
       }
+      case 8:  // a forward over one running sequence's pending tokens
+        if (!gpu_seqs.empty()) kv.compute(gpu_seqs[pick(gpu_seqs.size())]);
+        break;
       case 7:
         if (!cpu_seqs.empty()) {
           std::vector<SeqId> group{cpu_seqs[pick(cpu_seqs.size())]};

@@ -17,23 +17,35 @@ namespace pagedserve::testing {
 
 class KvShadow {
  public:
-  KvShadow(BlockManager& bm)
+  // eager: every reserved slot is computed at once. Otherwise slots wait for compute(),
+  // as in the engine, where a prompt chunk or a sampled token runs in a later step.
+  explicit KvShadow(BlockManager& bm, bool eager = true)
       : bm_(bm),
+        eager_(eager),
         gpu_(static_cast<size_t>(bm.num_gpu_blocks()) * bm.block_size(), -1),
         cpu_(static_cast<size_t>(bm.num_cpu_blocks()) * bm.block_size(), -1) {}
 
   int64_t allocate(SeqId seq, const std::vector<TokenId>& tokens, uint64_t salt = 0) {
     int64_t cached = bm_.allocate(seq, tokens, salt);
     tokens_[seq] = tokens;
-    for (size_t p = cached; p < tokens.size(); ++p) write(seq, p, tokens[p]);
+    computed_[seq] = cached;
+    if (eager_) compute(seq);
     return cached;
+  }
+
+  // The forward: writes the sequence's pending tokens and tells the manager.
+  void compute(SeqId seq) {
+    const auto& toks = tokens_.at(seq);
+    for (size_t p = computed_[seq]; p < toks.size(); ++p) write(seq, p, toks[p]);
+    computed_[seq] = toks.size();
+    bm_.mark_computed({seq}, {static_cast<int64_t>(toks.size())});
   }
 
   std::optional<BlockPair> append(SeqId seq, TokenId token) {
     auto copy = bm_.append_slot(seq, token);
     if (copy) copy_block(gpu_, gpu_, copy->first, copy->second);
     tokens_[seq].push_back(token);
-    write(seq, tokens_[seq].size() - 1, token);
+    if (eager_) compute(seq);
     return copy;
   }
 
@@ -52,7 +64,7 @@ class KvShadow {
     for (auto [src, dst] : copies) copy_block(gpu_, gpu_, src, dst);
     for (size_t i = 0; i < seqs.size(); ++i) {
       tokens_[seqs[i]].push_back(tokens[i]);
-      write(seqs[i], tokens_[seqs[i]].size() - 1, tokens[i]);
+      if (eager_) compute(seqs[i]);
     }
     return copies;
   }
@@ -60,11 +72,13 @@ class KvShadow {
   void fork(SeqId parent, SeqId child) {
     bm_.fork(parent, child);
     tokens_[child] = tokens_[parent];
+    computed_[child] = computed_[parent];
   }
 
   void free(SeqId seq) {
     bm_.free(seq);
     tokens_.erase(seq);
+    computed_.erase(seq);
   }
 
   std::vector<BlockPair> swap_out(const std::vector<SeqId>& seqs) {
@@ -79,7 +93,7 @@ class KvShadow {
     return mapping;
   }
 
-  // Throws if any sequence reads back anything but its own tokens.
+  // Throws if any sequence reads back anything but its own tokens (computed ones).
   void verify() const {
     const int32_t bs = bm_.block_size();
     for (const auto& [seq, toks] : tokens_) {
@@ -87,7 +101,7 @@ class KvShadow {
       const auto& pool = bm_.device_of(seq) == Device::kGpu ? gpu_ : cpu_;
       if (bm_.num_tokens(seq) != static_cast<int64_t>(toks.size()))
         throw std::runtime_error("sequence " + std::to_string(seq) + " has the wrong token count");
-      for (size_t p = 0; p < toks.size(); ++p) {
+      for (size_t p = 0; p < computed_.at(seq); ++p) {
         if (pool[static_cast<size_t>(table[p / bs]) * bs + p % bs] != toks[p])
           throw std::runtime_error("sequence " + std::to_string(seq) + " reads a wrong token at position " +
                                    std::to_string(p));
@@ -111,6 +125,8 @@ class KvShadow {
   }
 
   BlockManager& bm_;
+  bool eager_;
+  std::map<SeqId, size_t> computed_;
   std::vector<int32_t> gpu_, cpu_;
   std::map<SeqId, std::vector<TokenId>> tokens_;
 };

@@ -124,8 +124,9 @@ void prefix_hits_are_counted_and_shared() {
 
 void freed_cached_blocks_are_evicted_lru_tail_first() {
   BlockManager bm(8, 0, 2, true, 0.0);
-  bm.allocate(1, range(0, 5));    // 0:[0,1] 1:[2,3] full/cached, 2:[4] partial
-  bm.allocate(2, range(10, 14));  // 3, 4 full/cached
+  bm.allocate(1, range(0, 5));    // 0:[0,1] 1:[2,3] full, 2:[4] partial
+  bm.allocate(2, range(10, 14));  // 3, 4 full
+  bm.mark_computed({1, 2}, {5, 4});  // the prefill ran: the full blocks join the cache
   EXPECT_EQ(bm.free_queue_order(), (Ids{5, 6, 7}));
   bm.free(1);  // partial block 2 to the front; cached 1 then 0 to the back
   EXPECT_EQ(bm.free_queue_order(), (Ids{2, 5, 6, 7, 1, 0}));
@@ -133,11 +134,31 @@ void freed_cached_blocks_are_evicted_lru_tail_first() {
   EXPECT_EQ(bm.free_queue_order(), (Ids{2, 5, 6, 7, 1, 0, 4, 3}));
   EXPECT_EQ(bm.num_cached_blocks(), 4);
   bm.allocate(3, range(100, 110));  // five new blocks: 2, 5, 6, 7, then evicts 1
+  bm.mark_computed({3}, {10});
   EXPECT_EQ(bm.block_table(3), (Ids{2, 5, 6, 7, 1}));
   EXPECT_EQ(bm.free_queue_order(), (Ids{0, 4, 3}));
   // Sequence 1's head block survived its tail: its prompt gets one block from the cache.
   EXPECT_EQ(bm.allocate(4, range(0, 5)), 2);
   EXPECT_EQ(bm.block_table(4)[0], 0);
+}
+
+void blocks_join_the_cache_only_once_computed() {
+  BlockManager bm(16, 0, 4, true, 0.0);
+  bm.allocate(1, range(0, 9));  // slots reserved, KV not written yet
+  EXPECT_EQ(bm.num_cached_blocks(), 0);
+  EXPECT_EQ(bm.allocate(2, range(0, 9)), 0);  // so nothing can be served from them
+  bm.mark_computed({1}, {6});  // a first prefill chunk covers block 0 only
+  EXPECT_EQ(bm.num_cached_blocks(), 1);
+  EXPECT_EQ(bm.allocate(3, range(0, 9)), 4);
+  bm.mark_computed({1}, {9});
+  EXPECT_EQ(bm.num_cached_blocks(), 2);
+  EXPECT_EQ(bm.allocate(4, range(0, 9)), 8);
+  EXPECT_EQ(bm.block_table(4)[1], bm.block_table(1)[1]);
+  // A decode token's block is computed a step after its slot was reserved.
+  for (int t = 9; t < 12; ++t) bm.append_slot(1, t);
+  EXPECT_EQ(bm.num_cached_blocks(), 2);
+  bm.mark_computed({1}, {12});
+  EXPECT_EQ(bm.num_cached_blocks(), 3);
 }
 
 void a_hash_collision_is_never_served() {
@@ -229,6 +250,7 @@ int main() {
       {"append_slots_is_all_or_nothing", append_slots_is_all_or_nothing},
       {"prefix_hits_are_counted_and_shared", prefix_hits_are_counted_and_shared},
       {"freed_cached_blocks_are_evicted_lru_tail_first", freed_cached_blocks_are_evicted_lru_tail_first},
+      {"blocks_join_the_cache_only_once_computed", blocks_join_the_cache_only_once_computed},
       {"a_hash_collision_is_never_served", a_hash_collision_is_never_served},
       {"swap_moves_shared_blocks_once", swap_moves_shared_blocks_once},
       {"swap_in_reuses_content_still_cached_on_the_gpu", swap_in_reuses_content_still_cached_on_the_gpu},
