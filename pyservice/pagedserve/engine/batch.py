@@ -1,0 +1,46 @@
+"""What the scheduler hands the model runner each step, and what comes back.
+
+Plain data only: the scheduler never touches tensors, the runner makes no scheduling
+decisions. Physical block ids index the KV cache tensors directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SeqWork:
+    """One sequence's work in one step."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens to feed this step: a prompt chunk, or [last sampled token]
+    start_pos: int  # position of token_ids[0] in the sequence
+    block_table: list[int]  # the whole table (GPU block ids); covers start_pos + len(token_ids)
+    sample: bool  # False for a prefill chunk that does not reach the prompt's end
+    params: SamplingParams
+    prompt_token_ids: list[int]  # for the repetition penalty
+    output_token_ids: list[int]  # generated so far (penalties, min_tokens)
+    # Index among the outputs of the token about to be sampled (= len(output_token_ids)).
+    # With params.seed the randomness is a pure function of (seed, sample_index), so a
+    # preempted/recomputed or differently batched sequence samples the same token.
+    sample_index: int
+    # Masked out (with params.stop_token_ids) while len(output_token_ids) < min_tokens.
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class ScheduledBatch:
+    work: list[SeqWork]  # any mix of prefill chunks and decodes
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu), before the forward
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu), before the forward
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) GPU blocks
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float  # log-softmax of the raw model logits at the sampled token (as vLLM)
+    top_logprobs: dict[int, float] | None = None  # when params.logprobs is set

@@ -1,0 +1,223 @@
+"""LLMEngine: requests in, one scheduler iteration per step(), cumulative outputs out.
+
+Single-threaded: the async wrapper of the gRPC layer calls every method from one
+thread. One step = schedule (with the native block manager) -> the model runner's
+forward and sampling -> token bookkeeping, stop checks and detokenization here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.sequence import Sequence, SequenceGroup
+from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """`runner` (and `tokenizer`): already loaded ones to share between engines (tests,
+    experiments). The runner's KV pools must be at least what `config` asks for; this
+    engine then uses `config.num_kv_blocks` of its device blocks (all when unset)."""
+
+    def __init__(self, config: EngineConfig, runner: Any = None, tokenizer: Any = None):
+        from pagedserve._native import BlockManager
+        from pagedserve.engine.model_runner import ModelRunner
+        from pagedserve.model.loader import load_tokenizer, resolve_model
+
+        self.config = config
+        if runner is None:
+            runner = ModelRunner(config, source=resolve_model(config.model))
+        source = runner.source
+        self.runner = runner
+        num_gpu_blocks = config.num_kv_blocks or runner.num_gpu_blocks
+        if num_gpu_blocks > runner.num_gpu_blocks or config.block_size != runner.block_size:
+            raise ValueError(f"num_kv_blocks/block_size ({num_gpu_blocks}/{config.block_size}) "
+                             f"do not fit the shared runner's ({runner.num_gpu_blocks}/"
+                             f"{runner.block_size})")
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
+        self.model_name = source.name
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.vocab_size
+        self.block_manager = BlockManager(
+            num_gpu_blocks, self.runner.num_cpu_blocks, config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching, vocab_size=self.vocab_size)
+        eos = set(self.runner.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, preemption_mode=config.preemption_mode,
+            eos_token_ids=self.eos_token_ids)
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        log.info("engine ready: %s, %d KV blocks (+%d swap), max_model_len %d",
+                 self.model_name, num_gpu_blocks, self.runner.num_cpu_blocks,
+                 self.max_model_len)
+
+    # ---- requests ----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int] | list[dict],
+                    params: SamplingParams, priority: int = 0) -> None:
+        """Queues a request; bad input raises ValueError naming the field."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if params.beam_width > 1:
+            raise ValueError("beam_width > 1 (beam search) is not supported by this engine yet")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this model has none; "
+                             "use stop_token_ids")
+        text, token_ids = self._tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens; max_model_len "
+                             f"{self.max_model_len} leaves no room to generate")
+        self.scheduler.add_request(request_id, text, token_ids, params, priority)
+
+    def _tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; give token ids")
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            return None, self.apply_chat_template(list(prompt))
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("prompt must be a non-empty string, list of token ids or "
+                             "list of chat messages")
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt_token_ids[{i}] must be a token id in "
+                                 f"[0, {self.vocab_size}), got {t!r}")
+        return None, list(prompt)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("messages: this model has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        # The template already holds the special tokens; adding BOS again would double it.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def abort_request(self, request_id: str) -> None:
+        """Ends the request now and frees its blocks; unknown ids are ignored (it may
+        have just finished)."""
+        group = self.scheduler.abort_request(request_id)
+        if group is not None:
+            for seq in group.seqs:
+                self._detokenizers.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step ----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.work and not (batch.swap_out or batch.swap_in or batch.copies):
+            return []
+        results = self.runner.execute(batch)
+        progressed: dict[str, SequenceGroup] = {}
+        for seq, group in self.scheduler.update(batch, results):
+            self._check_stop(seq, group)
+            progressed[group.request_id] = group
+        return [self._output(group) for group in progressed.values()]
+
+    def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
+        params = seq.params
+        token = seq.output_token_ids[-1]
+        num_out = len(seq.output_token_ids)
+        can_stop = num_out >= params.min_tokens
+        reason, stop_reason = None, None
+        if can_stop and not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"  # EOS: in token_ids, not in the text
+        elif can_stop and token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        else:
+            hit = self._detokenizer(seq).append(token, check_stop=can_stop)
+            if hit is not None:
+                reason, stop_reason = "stop", hit
+        if reason is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            return
+        if stop_reason is None or isinstance(stop_reason, int):
+            hit = self._detokenizer(seq).flush()  # a character cut short shows as U+FFFD
+            if hit is not None:
+                reason, stop_reason = "stop", hit
+        self.scheduler.finish_seq(seq, reason, stop_reason)
+
+    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer | _NoText:
+        if self.tokenizer is None:
+            return _NoText()
+        detok = self._detokenizers.get(seq.seq_id)
+        if detok is None:
+            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
+            self._detokenizers[seq.seq_id] = detok
+        return detok
+
+    def _output(self, group: SequenceGroup) -> RequestOutput:
+        finished = group.is_finished
+        completions = []
+        for seq in group.seqs:
+            detok = self._detokenizers.get(seq.seq_id)
+            completions.append(CompletionOutput(
+                index=seq.index,
+                text=detok.visible_text(seq.is_finished) if detok else "",
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason,
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                stop_reason=seq.stop_reason))
+        if finished:
+            for seq in group.seqs:
+                self._detokenizers.pop(seq.seq_id, None)
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids, outputs=completions,
+                             finished=finished, metrics=group.metrics)
+
+    # ---- introspection -----------------------------------------------------------
+    def stats(self) -> dict:
+        s, bm = self.scheduler, self.block_manager
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "num_swapped": len(s.swapped),
+            "gpu_kv_usage": bm.usage,
+            "cpu_kv_usage": 1.0 - bm.num_free_cpu_blocks / max(bm.num_cpu_blocks, 1),
+            "num_free_gpu_blocks": bm.num_free_gpu_blocks,
+            "num_total_gpu_blocks": bm.num_gpu_blocks,
+            "num_free_cpu_blocks": bm.num_free_cpu_blocks,
+            "num_total_cpu_blocks": bm.num_cpu_blocks,
+            "num_cached_blocks": bm.num_cached_blocks,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+            "preemptions_by_mode": dict(s.num_preemptions),
+            "num_preemptions": sum(s.num_preemptions.values()),
+            "blocks_swapped_out": s.num_blocks_swapped_out,
+            "blocks_swapped_in": s.num_blocks_swapped_in,
+            "prompt_tokens": s.num_prompt_tokens,
+            "generation_tokens": s.num_generation_tokens,
+            "num_steps": s.num_steps,
+        }
+
+
+class _NoText:
+    """Stand-in detokenizer for models without a tokenizer: outputs carry ids only."""
+
+    def append(self, token_id: int, check_stop: bool = True) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None

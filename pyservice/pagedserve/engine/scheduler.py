@@ -1,0 +1,427 @@
+"""Iteration-level scheduler: which sequences run in the next forward, and with which
+KV blocks.
+
+Each step, in this order, under `max_num_seqs` sequences and `max_num_batched_tokens`
+tokens:
+ 1. decodes of running requests (queue order), preempting from the back of the
+    running queue when the block manager has no slot for them;
+ 2. prompt chunks of running requests whose prefill is not done (chunked prefill:
+    a long prompt takes what the budget leaves, so the decodes keep flowing);
+ 3. swapped requests back from the CPU pool, oldest first;
+ 4. new admissions, only when nothing is left swapped.
+Steps 3 and 4 are skipped in a step that preempted: the pool is too full for them.
+
+Queues are ordered by (priority, arrival): lower priority values first, FCFS within a
+priority. Priority orders admissions; it never preempts a running request for a
+waiting one. The victim of a preemption is the last running request: the lowest
+priority, latest arrival.
+
+The scheduler sees blocks only through the block manager's answers (DESIGN.md item 2)
+and never touches tensors; its decisions go to the runner as one ScheduledBatch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
+from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
+from pagedserve.observability.timeline import PhaseEvent
+
+@dataclass
+class _Budget:
+    tokens: int
+    seqs: int
+
+    def take(self, tokens: int, seqs: int) -> None:
+        self.tokens -= tokens
+        self.seqs -= seqs
+
+
+class Scheduler:
+    def __init__(self, block_manager: Any, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, preemption_mode: str = "auto",
+                 eos_token_ids: frozenset[int] = frozenset()):
+        self.bm = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.preemption_mode = preemption_mode
+        self.eos_token_ids = frozenset(eos_token_ids)
+        # The most one request may use: the pool less the admission watermark.
+        self.num_gpu_blocks = block_manager.num_gpu_blocks
+        self.usable_gpu_blocks = self.num_gpu_blocks - block_manager.watermark_blocks
+        self.waiting: list[SequenceGroup] = []
+        self.running: list[SequenceGroup] = []
+        self.swapped: list[SequenceGroup] = []
+        self._groups: dict[str, SequenceGroup] = {}
+        self._seqs: dict[int, tuple[Sequence, SequenceGroup]] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.num_preemptions = {"swap": 0, "recompute": 0}
+        self.num_blocks_swapped_out = 0
+        self.num_blocks_swapped_in = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # ... and found there
+        self.num_prompt_tokens = 0  # tokens fed in prefills (recomputes included)
+        self.num_generation_tokens = 0  # tokens sampled
+        self.num_steps = 0
+        # Steps by number of decode sequences in them: what an ideal schedule is
+        # measured against (benchmarks), and what the batch sizes really were.
+        self.decode_batch_sizes: Counter[int] = Counter()
+        # For the requests' timelines: when this step began, and the swaps it made
+        # (recorded once update() knows when the step's copies were done).
+        self.step_start = 0.0
+        self._step_swaps: list[tuple[SequenceGroup, str, int]] = []
+
+    # ---- requests ------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: Any, priority: int = 0,
+                    arrival_time: float | None = None) -> SequenceGroup:
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        self._check_fits(len(prompt_token_ids), params)
+        group = SequenceGroup(request_id, prompt, list(prompt_token_ids), params,
+                              first_seq_id=next(self._seq_ids),
+                              arrival_index=next(self._arrivals), priority=priority,
+                              arrival_time=arrival_time)
+        self._groups[request_id] = group
+        self._seqs[group.seqs[0].seq_id] = (group.seqs[0], group)
+        bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
+        return group
+
+    def _check_fits(self, prompt_len: int, params: Any) -> None:
+        """Rejects at admission a request that could not run even alone in the pool;
+        accepted, it would preempt itself forever."""
+        # The last token of a sequence is sampled, never fed: it takes no slot.
+        tokens = min(prompt_len + params.max_tokens, self.max_model_len) - 1
+        need = self._footprint(prompt_len, [tokens] * params.n)
+        if need > self.usable_gpu_blocks:
+            raise ValueError(
+                f"max_tokens: the request needs up to {need} KV-cache blocks "
+                f"({params.n} x {tokens} cached tokens, {self.block_size} a block) but the "
+                f"whole cache has {self.usable_gpu_blocks}; shorten the prompt or lower "
+                f"max_tokens or n")
+
+    def _footprint(self, prompt_len: int, seq_lens: list[int]) -> int:
+        """Blocks that sequences of these lengths with a common prompt hold: they share
+        the full prompt blocks (after a fork, or through prefix-cache hits on each other
+        when re-admitted after a recompute); without prefix caching a recompute
+        re-admits them unshared."""
+        if len(seq_lens) > 1 and not self.bm.enable_prefix_caching:
+            return sum(math.ceil(n / self.block_size) for n in seq_lens)
+        shared = prompt_len // self.block_size
+        return shared + sum(math.ceil((n - shared * self.block_size) / self.block_size)
+                            for n in seq_lens)
+
+    def abort_request(self, request_id: str) -> SequenceGroup | None:
+        """Drops the request wherever it is and frees its blocks now."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return None
+        for seq in group.live_seqs():
+            self.finish_seq(seq, "abort")
+        for queue in (self.waiting, self.swapped):
+            if group in queue:
+                queue.remove(group)
+        self._retire(group)
+        return group
+
+    def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Ends one sequence and frees its blocks at once; the request ends with its
+        last sequence."""
+        assert not seq.is_finished, f"sequence {seq.seq_id} finished twice"
+        _, group = self._seqs.pop(seq.seq_id)
+        blocks = 0
+        if seq.status in (Status.RUNNING, Status.SWAPPED):
+            blocks = len(self.bm.block_table(seq.seq_id))
+            self.bm.free(seq.seq_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        now = time.monotonic()
+        group.metrics.events.append(PhaseEvent(
+            "finished", now, now, {"reason": reason, "seq": seq.index, "blocks": blocks}))
+        if not group.live_seqs() and not group.needs_fork:
+            self._retire(group)
+
+    def _retire(self, group: SequenceGroup) -> None:
+        if group.status is Status.RUNNING:
+            self.running.remove(group)
+        group.status = Status.FINISHED
+        group.metrics.finished_time = time.monotonic()
+        self._groups.pop(group.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def get_group(self, request_id: str) -> SequenceGroup | None:
+        return self._groups.get(request_id)
+
+    # ---- one step --------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        self.step_start = time.monotonic()
+        batch = ScheduledBatch(work=[])
+        budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
+        preempted = self._schedule_decodes(batch, budget)
+        for group in self.running:
+            self._schedule_prefills(group, batch, budget)
+        if not preempted:
+            self._schedule_swapped(batch, budget)
+            if not self.swapped:
+                self._schedule_waiting(batch, budget)
+        self.num_steps += 1
+        num_decodes = sum(1 for w in batch.work if len(w.token_ids) == 1 and w.sample)
+        if num_decodes:
+            self.decode_batch_sizes[num_decodes] += 1
+        return batch
+
+    def _schedule_decodes(self, batch: ScheduledBatch, budget: _Budget) -> bool:
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            group = self.running[i]
+            seqs = [s for s in group.live_seqs() if s.num_uncomputed == 1]
+            if not seqs:
+                i += 1
+                continue
+            if len(seqs) > min(budget.tokens, budget.seqs):
+                break
+            while not self._can_append(seqs):
+                victim = self.running.pop()
+                self._preempt(victim, batch)
+                preempted = True
+                if victim is group:
+                    break
+            else:
+                for seq in seqs:
+                    self._schedule_seq(seq, group, 1, batch)
+                budget.take(len(seqs), len(seqs))
+                i += 1
+        return preempted
+
+    def _schedule_prefills(self, group: SequenceGroup, batch: ScheduledBatch,
+                           budget: _Budget, admitted: bool = False) -> None:
+        """Prompt chunks; their slots were all allocated at admission. A request admitted
+        this step runs even a single remaining token here (a one-token prompt, or a
+        prefix hit that left only the last token)."""
+        for seq in group.live_seqs():
+            if seq.num_uncomputed > (0 if admitted else 1) and budget.tokens > 0 \
+                    and budget.seqs > 0:
+                chunk = min(seq.num_uncomputed, budget.tokens)
+                self._schedule_seq(seq, group, chunk, batch)
+                budget.take(chunk, 1)
+
+    def _schedule_swapped(self, batch: ScheduledBatch, budget: _Budget) -> None:
+        while self.swapped:
+            group = self.swapped[0]
+            seqs = group.live_seqs()
+            ids = [s.seq_id for s in seqs]
+            if (self._num_running_seqs() + len(seqs) > self.max_num_seqs
+                    or not self.bm.can_swap_in(ids)):
+                return
+            self.swapped.pop(0)
+            mapping = [tuple(m) for m in self.bm.swap_in(ids)]
+            batch.swap_in.extend(mapping)
+            self.num_blocks_swapped_in += len(mapping)
+            self._step_swaps.append((group, "swapped_in", len(mapping)))
+            for seq in seqs:
+                seq.status = Status.RUNNING
+            group.status = Status.RUNNING
+            bisect.insort(self.running, group, key=lambda g: g.sort_key)
+            decodes = [s for s in seqs if s.num_uncomputed == 1]
+            if decodes and len(decodes) <= min(budget.tokens, budget.seqs) \
+                    and self._can_append(decodes):
+                for seq in decodes:
+                    self._schedule_seq(seq, group, 1, batch)
+                budget.take(len(decodes), len(decodes))
+            self._schedule_prefills(group, batch, budget)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: _Budget) -> None:
+        while self.waiting and budget.tokens > 0:
+            group = self.waiting[0]
+            seqs = group.live_seqs()
+            if (self._num_running_seqs() + group.max_num_seqs > self.max_num_seqs
+                    or len(seqs) > budget.seqs or not self._can_allocate(seqs, group)):
+                return
+            self.waiting.pop(0)
+            for seq in seqs:
+                self._allocate(seq, group)
+            group.status = Status.RUNNING
+            bisect.insort(self.running, group, key=lambda g: g.sort_key)
+            self._schedule_prefills(group, batch, budget, admitted=True)
+
+    def _num_running_seqs(self) -> int:
+        return sum(g.max_num_seqs for g in self.running)
+
+    # ---- block manager calls ---------------------------------------------------------
+    def _can_allocate(self, seqs: list[Sequence], group: SequenceGroup) -> bool:
+        if len(seqs) == 1:
+            return self.bm.can_allocate(seqs[0].token_ids)
+        # Several sequences (a recomputed parallel-sampling request): admitted only
+        # together, so a partial admission never happens.
+        need = self._footprint(len(group.prompt_token_ids), [s.num_tokens for s in seqs])
+        return self.bm.num_free_gpu_blocks - need >= self.bm.watermark_blocks
+
+    def _allocate(self, seq: Sequence, group: SequenceGroup) -> None:
+        cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+        seq.num_slots = seq.num_tokens
+        seq.status = Status.RUNNING
+        # The manager serves only computed blocks and always leaves the last token to
+        # feed: its logits give the next token.
+        seq.num_computed_tokens = cached
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += seq.num_computed_tokens
+        group.metrics.events.append(PhaseEvent(
+            "admitted", self.step_start, self.step_start,
+            {"seq": seq.index, "uncached": seq.num_tokens - seq.num_computed_tokens}))
+        if group.metrics.first_scheduled_time is None:
+            group.metrics.num_cached_tokens = seq.num_computed_tokens
+
+    def _can_append(self, seqs: list[Sequence]) -> bool:
+        need = [s for s in seqs if s.num_slots < s.num_tokens]
+        if len(need) <= 1:
+            return not need or self.bm.can_append(need[0].seq_id)
+        # Samples of one request: count exactly the blocks their slots take. A full last
+        # block means a new block; a shared partial one a copy, except that the last
+        # of all its holders writes in place.
+        blocks = 0
+        sharers: dict[int, int] = {}
+        for seq in need:
+            if seq.num_slots % self.block_size == 0:
+                blocks += 1
+            else:
+                last = self.bm.block_table(seq.seq_id)[-1]
+                if self.bm.ref_count(last) > 1:
+                    sharers[last] = sharers.get(last, 0) + 1
+        for block, k in sharers.items():
+            blocks += k - 1 if k == self.bm.ref_count(block) else k
+        return self.bm.num_free_gpu_blocks >= blocks
+
+    def _schedule_seq(self, seq: Sequence, group: SequenceGroup, num_tokens: int,
+                      batch: ScheduledBatch) -> None:
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        while seq.num_slots < end:  # a decode: the last sampled token needs its slot
+            cow = self.bm.append_slot(seq.seq_id, seq.token_ids[seq.num_slots])
+            seq.num_slots += 1
+            if cow is not None:
+                batch.copies.append(tuple(cow))
+        table = self.bm.block_table(seq.seq_id)
+        eos = frozenset() if seq.params.ignore_eos else self.eos_token_ids
+        batch.work.append(SeqWork(
+            seq_id=seq.seq_id, token_ids=seq.token_ids[start:end], start_pos=start,
+            block_table=table, sample=end == seq.num_tokens, params=seq.params,
+            prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
+            sample_index=len(seq.output_token_ids), eos_token_ids=eos))
+        if group.metrics.first_scheduled_time is None:
+            group.metrics.first_scheduled_time = time.monotonic()
+
+    # ---- preemption ------------------------------------------------------------------
+    def _preempt(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
+        """Takes a request (already out of `running`) off the GPU. `auto` swaps groups
+        of several sequences (recomputing them would redo the shared prompt once per
+        sample) and recomputes single ones (cheaper than the round trip over PCIe)."""
+        mode = self.preemption_mode
+        if mode == "auto":
+            mode = "swap" if len(group.live_seqs()) > 1 else "recompute"
+        if mode == "swap" and self.bm.can_swap_out([s.seq_id for s in group.live_seqs()]):
+            self._preempt_by_swap(group, batch)
+        else:
+            # Swap falls back to recompute only when the CPU pool cannot take the
+            # group: recompute costs compute again but never loses the request.
+            self._preempt_by_recompute(group)
+        group.metrics.num_preemptions += 1
+
+    def _preempt_by_recompute(self, group: SequenceGroup) -> None:
+        """Precondition: `group` is RUNNING, holds GPU blocks, is out of `running`.
+        Frees its blocks and requeues it ahead of every request that has not started
+        (its arrival is older); its tokens so far become the next prefill."""
+        for seq in group.live_seqs():
+            self.bm.free(seq.seq_id)
+            seq.reset_for_recompute()
+        group.status = Status.WAITING
+        bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
+        self.num_preemptions["recompute"] += 1
+        group.metrics.events.append(PhaseEvent(
+            "preempted", self.step_start, self.step_start, {"mode": "recompute"}))
+
+    def _preempt_by_swap(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
+        """Precondition: `group` is RUNNING, out of `running`, and
+        `bm.can_swap_out(its seq ids)` is True. Its blocks go to the CPU pool; the
+        runner copies them out before this step's forward reuses the GPU blocks."""
+        seqs = group.live_seqs()
+        mapping = [tuple(m) for m in self.bm.swap_out([s.seq_id for s in seqs])]
+        batch.swap_out.extend(mapping)
+        self.num_blocks_swapped_out += len(mapping)
+        for seq in seqs:
+            seq.status = Status.SWAPPED
+        group.status = Status.SWAPPED
+        bisect.insort(self.swapped, group, key=lambda g: g.sort_key)
+        self.num_preemptions["swap"] += 1
+        group.metrics.events.append(PhaseEvent(
+            "preempted", self.step_start, self.step_start, {"mode": "swap"}))
+        self._step_swaps.append((group, "swapped_out", len(mapping)))
+
+    # ---- after the forward -----------------------------------------------------------
+    def update(self, batch: ScheduledBatch,
+               results: list[SampleResult | None]) -> list[tuple[Sequence, SequenceGroup]]:
+        """Records what the forward computed and sampled; returns the sequences that got
+        a new token. The caller checks stops and calls finish_seq."""
+        assert len(results) == len(batch.work), "one result per scheduled sequence"
+        sampled = []
+        computed_ids, computed_counts = [], []
+        now = time.monotonic()
+        for group, kind, blocks in self._step_swaps:  # the runner copied them in this step
+            group.metrics.events.append(PhaseEvent(kind, self.step_start, now, {"blocks": blocks}))
+        self._step_swaps.clear()
+        for work, result in zip(batch.work, results):
+            entry = self._seqs.get(work.seq_id)
+            if entry is None:
+                continue  # aborted since it was scheduled
+            seq, group = entry
+            seq.num_computed_tokens += len(work.token_ids)
+            computed_ids.append(seq.seq_id)
+            computed_counts.append(seq.num_computed_tokens)
+            if len(work.token_ids) > 1 or not work.sample:
+                self.num_prompt_tokens += len(work.token_ids)
+                group.metrics.events.append(PhaseEvent(
+                    "prefill_chunk", self.step_start, now,
+                    {"tokens": len(work.token_ids), "start": work.start_pos, "seq": seq.index,
+                     "sampled": work.sample}))
+            if not work.sample:
+                continue
+            assert result is not None, f"no sample for sequence {seq.seq_id}"
+            self.num_generation_tokens += 1
+            seq.append_token(result.token_id, result.logprob, result.top_logprobs)
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            sampled.append((seq, group))
+            if group.needs_fork:
+                self._fork(group, seq)
+        # Full blocks whose KV this forward wrote become servable from the prefix cache.
+        self.bm.mark_computed(computed_ids, computed_counts)
+        return sampled
+
+    def _fork(self, group: SequenceGroup, parent: Sequence) -> None:
+        """The other samples of a parallel-sampling request share the parent's prompt
+        blocks; each feeds the last prompt token again (rewriting the same K/V in the
+        shared slot) to sample its own first token with its own seed."""
+        prompt_len = len(group.prompt_token_ids)
+        for index in range(len(group.seqs), group.params.n):
+            params = group.params
+            if params.seed is not None:
+                params = params.clone(seed=derived_seed(params.seed, index))
+            child = Sequence(next(self._seq_ids), index, group.prompt_token_ids, params)
+            self.bm.fork(parent.seq_id, child.seq_id)
+            child.num_slots = prompt_len
+            child.num_computed_tokens = prompt_len - 1
+            child.status = Status.RUNNING
+            group.seqs.append(child)
+            self._seqs[child.seq_id] = (child, group)

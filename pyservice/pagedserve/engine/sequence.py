@@ -1,0 +1,130 @@
+"""Request state as the scheduler sees it: plain data, no tensors.
+
+A SequenceGroup is one request; its Sequences are the parallel samples (n > 1), which
+share the prompt's KV blocks after a fork. Token counts tell where each sequence is:
+`num_computed_tokens` have KV in the cache, the rest of `token_ids` still has to be fed
+(a prompt chunk, the whole history after a recompute preemption, or the last sampled
+token in a plain decode step).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pagedserve.outputs import RequestMetrics
+from pagedserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks
+    RUNNING = "running"  # KV on the GPU pool
+    SWAPPED = "swapped"  # KV on the CPU pool
+    FINISHED = "finished"  # blocks freed
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """Seed of parallel sample `index`: sample 0 keeps the request's seed, so a request
+    with n=1 and one with n=4 agree on their first sample; the others differ."""
+    if index == 0:
+        return seed
+    return (seed * 1_000_003 + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+class Sequence:
+    def __init__(self, seq_id: int, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams):
+        self.seq_id = seq_id
+        self.index = index  # position among the request's outputs
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.token_ids = list(prompt_token_ids)  # prompt + outputs
+        self.params = params  # per sample: its seed is derived from the request's
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        # Tokens the block manager holds slots for (mirrors BlockManager.num_tokens).
+        self.num_slots = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token_id: int, logprob: float,
+                     top_logprobs: dict[int, float] | None) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        if self.logprobs is not None:
+            entry = dict(top_logprobs or {})
+            entry[token_id] = logprob
+            self.logprobs.append(entry)
+
+    def reset_for_recompute(self) -> None:
+        """Forget the KV cache: the whole history (prompt + outputs) becomes the prompt
+        of the next prefill; the tokens themselves never change."""
+        self.num_computed_tokens = 0
+        self.num_slots = 0
+        self.status = Status.WAITING
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, slots={self.num_slots})")
+
+
+class SequenceGroup:
+    """One request: its samples, its place in the queues and its timings."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, first_seq_id: int, arrival_index: int,
+                 priority: int = 0, arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.priority = priority
+        self.arrival_index = arrival_index  # ties between equal arrival times broken by order
+        self.status = Status.WAITING
+        # Sample 0 exists from the start; the other n-1 are forked from it once the
+        # prompt is in the cache, so the prompt is prefilled once and its blocks shared.
+        self.seqs = [Sequence(first_seq_id, 0, prompt_token_ids, params)]
+        self.metrics = RequestMetrics(
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            num_prompt_tokens=len(prompt_token_ids))
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Queue order: lower priority value first, then earlier arrival."""
+        return (self.priority, self.arrival_index)
+
+    @property
+    def needs_fork(self) -> bool:
+        return len(self.seqs) < self.params.n
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences this request will run at once (its share of max_num_seqs)."""
+        if self.needs_fork:
+            return self.params.n
+        return sum(1 for s in self.seqs if not s.is_finished)
+
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return f"SequenceGroup({self.request_id!r}, {self.status.value}, seqs={self.seqs})"

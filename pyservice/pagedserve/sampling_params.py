@@ -1,0 +1,126 @@
+"""Per-request sampling settings (field names follow vLLM's, as the gRPC proto does)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+# A hard cap keeps one request from asking the sampler for the whole vocabulary.
+MAX_LOGPROBS = 20
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated on construction.
+
+    Every ValueError message starts with the offending field's name so the gRPC layer
+    can hand it to the client unchanged.
+    """
+
+    n: int = 1  # parallel samples of the prompt (they share its KV blocks)
+    beam_width: int = 1  # beam search when > 1 (not supported by the engine yet)
+    length_penalty: float = 1.0  # beam search: score / length ** length_penalty
+    early_stopping: bool = False  # beam search: stop once beam_width beams finished
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = -1  # keep the k most likely tokens; -1 (or 0) = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output
+    presence_penalty: float = 0.0  # subtracted from the logits of tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    seed: int | None = None  # same seed, same tokens, whatever else is batched
+    stop: list[str] = field(default_factory=list)  # strings that end the text (cut from it)
+    stop_token_ids: list[int] = field(default_factory=list)  # token ids that end generation
+    max_tokens: int = 16  # tokens to generate at most
+    min_tokens: int = 0  # tokens to generate before EOS or a stop may end it
+    ignore_eos: bool = False  # keep generating past EOS
+    logprobs: int | None = None  # top log-probabilities to return per token
+
+    def __post_init__(self) -> None:
+        self._check_int("n", minimum=1)
+        self._check_int("beam_width", minimum=1)
+        self._check_float("length_penalty")
+        self._check_float("temperature", minimum=0.0)
+        self._check_float("top_p")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self._check_int("top_k")
+        if self.top_k == 0:
+            self.top_k = -1  # proto3 leaves unset ints at 0: treat it as "off" too
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        self._check_float("min_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        self._check_float("repetition_penalty")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            self._check_float(name)
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        self._check_stop()
+        self._check_int("max_tokens", minimum=1)
+        self._check_int("min_tokens", minimum=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        for name in ("early_stopping", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.logprobs is not None:
+            self._check_int("logprobs", minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.beam_width > 1 and self.n > self.beam_width:
+            raise ValueError(f"n must be <= beam_width ({self.beam_width}) for beam search, "
+                             f"got {self.n}")
+
+    def _check_int(self, name: str, minimum: int | None = None) -> None:
+        value = getattr(self, name)
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+    def _check_float(self, name: str, minimum: float | None = None) -> None:
+        value = getattr(self, name)
+        if not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+        setattr(self, name, float(value))
+
+    def _check_stop(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must contain non-negative integers, got {t!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def clone(self, **changes: object) -> "SamplingParams":
+        """A validated copy with some fields changed (e.g. a derived seed per sample)."""
+        return replace(self, **changes)
