@@ -1,0 +1,306 @@
+"""AsyncEngine: the single-threaded LLMEngine driven from asyncio.
+
+The engine is not thread-safe, so one thread owns it: every call into it (add, abort,
+step, stats) happens on that thread. The event loop talks to it through a command
+queue and gets results back through `loop.call_soon_threadsafe`, once per step.
+
+Each request gets a `RequestStream`. Because RequestOutput is cumulative, a stream
+keeps only the newest output: a slow reader skips intermediate states instead of
+piling them up, and memory per request stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import fields, replace
+from typing import Any
+
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; the request cannot complete."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The model is still loading or warming up."""
+
+
+class QueueFullError(RuntimeError):
+    """The admission queue is full."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is draining and takes no new requests."""
+
+
+class DuplicateRequestError(ValueError):
+    """A request with the same id is still in flight."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by the server (shutdown) before it finished."""
+
+
+class RequestStream:
+    """Async iterator over one request's cumulative outputs; ends after the final one."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.started = False  # an output has arrived, so the request left the queue
+        self.aborting = False  # abort sent; the id stays taken until the engine confirms
+        self.finished = False
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+
+    def _put(self, output: RequestOutput) -> None:
+        self._latest = output
+        self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        await self._event.wait()
+        self._event.clear()
+        if self._latest is not None:
+            output, self._latest = self._latest, None
+            self.finished = output.finished
+            return output
+        self.finished = True
+        assert self._error is not None, "stream woken without output or error"
+        raise self._error
+
+
+class AsyncEngine:
+    """Runs `engine.step()` on a dedicated thread; request streams live on the event loop.
+
+    max_queue_size bounds the requests accepted but not yet producing output; beyond it
+    `add_request` raises QueueFullError (RESOURCE_EXHAUSTED to gRPC clients).
+    """
+
+    def __init__(self, engine: Any, max_queue_size: int = 1024) -> None:
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self.engine = engine
+        self.max_queue_size = max_queue_size
+        self._streams: dict[str, RequestStream] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stats: dict = {}
+        self._error: BaseException | None = None
+        self._draining = False
+        self._failure_callbacks: list[Callable[[BaseException], None]] = []
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will read the streams."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._loop = asyncio.get_running_loop()
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort whatever is left and join the engine thread."""
+        self.abort_all(RequestAbortedError("server stopped"))
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("stop",))
+            await asyncio.to_thread(self._thread.join)
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Called on the event loop once, when the engine loop dies."""
+        self._failure_callbacks.append(callback)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def engine_stats(self) -> dict:
+        """LLMEngine.stats() as of the last step or command; safe from any thread (the
+        engine thread swaps in a new dict, never mutates one it published)."""
+        return self._stats
+
+    def stats(self) -> dict:
+        """The engine's stats as of its last step or command (exact when idle), plus the
+        requests in flight and queued here."""
+        stats = dict(self._stats)
+        stats["num_in_flight"] = len(self._streams)
+        stats["num_queued"] = self._num_queued()
+        return stats
+
+    # ---- requests ----------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
+                    priority: int = 0) -> RequestStream:
+        """Queue a request; the returned stream raises the engine's rejection, if any."""
+        if self._error is not None:
+            raise EngineDeadError("engine is not running: it failed (details in the server log)")
+        if self._draining:
+            raise ShuttingDownError("server is shutting down")
+        if request_id in self._streams:  # two streams for one id would mix their outputs
+            raise DuplicateRequestError(f"request_id {request_id!r} is already in flight")
+        if self._num_queued() >= self.max_queue_size:
+            raise QueueFullError(
+                f"admission queue is full ({self.max_queue_size} requests waiting)")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        self._commands.put(("add", stream, prompt, params, priority))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client cancel or deadline); the engine frees its blocks at its
+        next command check, before the next step."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._abort(stream)
+
+    def _abort(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is not stream or stream.aborting:
+            return
+        stream.aborting = True
+        if self._error is None:
+            self._commands.put(("abort", stream))
+        else:
+            del self._streams[stream.request_id]
+
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """add_request + iteration; aborts the request if the consumer stops early."""
+        stream = self.add_request(request_id, prompt, params, priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self._abort(stream)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; in-flight ones continue."""
+        self._draining = True
+
+    def abort_all(self, error: BaseException) -> None:
+        """Fail every in-flight request with `error` (end of the shutdown grace period)."""
+        for stream in list(self._streams.values()):
+            self._abort(stream)
+            stream._fail(error)
+
+    def _num_queued(self) -> int:
+        return sum(1 for s in self._streams.values() if not (s.started or s.aborting))
+
+    # ---- engine thread -----------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block only while idle: a running batch must keep stepping.
+                block = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(block):
+                    return
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._stats = self.engine.stats()
+                    if outputs:
+                        # Snapshot on this thread: the engine may reuse its lists next step.
+                        self._post(self._deliver, [_snapshot(o) for o in outputs])
+        except BaseException as exc:  # noqa: BLE001 - any engine error kills the loop
+            logger.exception("engine loop failed; failing all in-flight requests")
+            self._post(self._fail_all, exc)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Run queued commands; False when asked to stop."""
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        aborted: list[RequestStream] = []
+        keep_running = True
+        for command in commands:
+            if command[0] == "stop":
+                keep_running = False
+                break
+            if command[0] == "add":
+                _, stream, prompt, params, priority = command
+                try:
+                    self.engine.add_request(stream.request_id, prompt, params,
+                                            priority=priority)
+                except Exception as exc:  # noqa: BLE001 - a rejection belongs to its request
+                    self._post(self._reject, stream, exc)
+            elif command[0] == "abort":
+                self.engine.abort_request(command[1].request_id)
+                aborted.append(command[1])
+        if commands:
+            self._stats = self.engine.stats()
+        for stream in aborted:  # after the stats: a freed id means freed blocks
+            self._post(self._release, stream)
+        return keep_running
+
+    def _post(self, fn: Callable, *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is left to read the result
+
+    # ---- event loop side ---------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None or stream.aborting:
+                continue  # aborted meanwhile
+            stream.started = True
+            stream._put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _reject(self, stream: RequestStream, error: BaseException) -> None:
+        self._release(stream)
+        stream._fail(error)
+
+    def _release(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._error = error
+        for stream in list(self._streams.values()):
+            stream._fail(EngineDeadError("engine failure: request aborted (details in the server log)"))
+        self._streams.clear()
+        for callback in self._failure_callbacks:
+            callback(error)
+
+
+def _snapshot(output: RequestOutput) -> RequestOutput:
+    """A copy the event loop can read while the engine keeps appending to its own lists."""
+    completions = [
+        replace(c, token_ids=list(c.token_ids),
+                logprobs=None if c.logprobs is None else list(c.logprobs))
+        for c in output.outputs
+    ]
+    metrics = replace(output.metrics)
+    for f in fields(metrics):  # e.g. a phase timeline the scheduler keeps appending to
+        value = getattr(metrics, f.name)
+        if isinstance(value, list):
+            setattr(metrics, f.name, list(value))
+    return replace(output, outputs=completions, metrics=metrics)

@@ -1,0 +1,166 @@
+"""`pagedserve serve` and `pagedserve client generate`, hooked into pagedserve.cli.
+
+Every flag also reads PAGEDSERVE_<FLAG_IN_UPPER_SNAKE_CASE>; the bearer token can come
+from PAGEDSERVE_AUTH_TOKEN directly or from a file (a mounted Kubernetes secret).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def _flag(parser: Any, flag: str, default: Any, kind: Callable = str, help: str = "") -> None:
+    from pagedserve.cli import add_flag  # PAGEDSERVE_* defaults, as every other flag
+
+    if kind is bool:
+        add_flag(parser, flag, action="store_true", default=default, help=help)
+    else:
+        add_flag(parser, flag, type=kind, default=default, help=help)
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    """Hook called by pagedserve.cli.build_parser."""
+    from pagedserve.cli import add_engine_flags
+
+    p = subparsers.add_parser(
+        "serve", help="run the gRPC server",
+        description="Serve TextGeneration over gRPC (health and reflection included). "
+                    "SIGTERM drains: in-flight requests get the grace period to finish.")
+    add_server_arguments(p)
+    add_engine_flags(p)
+    p.set_defaults(func=run_serve)
+
+
+def add_client_parser(subparsers: Any) -> None:
+    """Hook called by pagedserve.cli.build_parser."""
+    p = subparsers.add_parser("client", help="call a running server",
+                              description="Call a running pagedserve server.")
+    add_client_arguments(p)
+    p.set_defaults(func=run_client)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's own flags (engine flags are added by pagedserve.cli)."""
+    g = parser.add_argument_group("server")
+    _flag(g, "--host", "0.0.0.0", help="address to listen on")
+    _flag(g, "--port", 50051, int, help="gRPC port")
+    _flag(g, "--metrics-port", 9464, int, help="Prometheus metrics port (0: off)")
+    _flag(g, "--tls-cert-file", None, help="server certificate (PEM): enables TLS")
+    _flag(g, "--tls-key-file", None, help="server private key (PEM)")
+    _flag(g, "--tls-client-ca-file", None,
+          help="CA bundle (PEM) for client certificates: enables mutual TLS")
+    _flag(g, "--auth-token-file", None,
+          help="file holding the bearer token clients must send (or PAGEDSERVE_AUTH_TOKEN)")
+    _flag(g, "--max-queue-size", 1024, int,
+          help="requests waiting for the engine before RESOURCE_EXHAUSTED")
+    _flag(g, "--max-n", 16, int, help="cap on n and beam_width per request")
+    _flag(g, "--max-stop-strings", 16, int, help="cap on stop strings per request")
+    _flag(g, "--max-message-bytes", 4 * 1024 * 1024, int,
+          help="largest request message accepted (bytes)")
+    _flag(g, "--shutdown-grace-period", 30.0, float,
+          help="seconds in-flight requests get to finish after SIGTERM")
+    _flag(g, "--disable-tracing", False, bool, help="turn OpenTelemetry tracing off")
+    _flag(g, "--log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def server_config_from_args(args: argparse.Namespace):
+    from pagedserve.server.config import ServerConfig, read_token_file
+
+    token = os.environ.get("PAGEDSERVE_AUTH_TOKEN") or None
+    if args.auth_token_file:
+        token = read_token_file(args.auth_token_file)
+    return ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+        tls_client_ca_file=args.tls_client_ca_file, auth_token=token,
+        max_queue_size=args.max_queue_size, max_n=args.max_n,
+        max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
+        shutdown_grace_period=args.shutdown_grace_period,
+        disable_tracing=args.disable_tracing)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    from pagedserve.cli import engine_config_from_args
+    from pagedserve.server.app import serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Bad settings raise ValueError; pagedserve.cli prints it without a traceback.
+    config = server_config_from_args(args)
+    engine_config = engine_config_from_args(args)
+
+    def make_engine():
+        from pagedserve.engine.llm_engine import LLMEngine
+
+        return LLMEngine(engine_config)
+
+    asyncio.run(serve(config, make_engine))
+    return 0
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """`client` subcommands; the parser is the `client` subcommand's."""
+    from pagedserve.cli import add_flag
+
+    sub = parser.add_subparsers(dest="client_command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a running server")
+    gen.add_argument("prompt")
+    gen.add_argument("--stream", action="store_true", help="print text as it arrives")
+    _flag(gen, "--target", "localhost:50051", help="server host:port")
+    _flag(gen, "--max-tokens", 64, int)
+    _flag(gen, "--temperature", None, float)
+    _flag(gen, "--top-p", None, float)
+    _flag(gen, "--top-k", None, int)
+    # Not --seed's dest: PAGEDSERVE_SEED belongs to the engine.
+    add_flag(gen, "--seed", dest="sampling_seed", type=int, default=None,
+             help="sampling seed")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as one user message through the chat template")
+    _flag(gen, "--timeout", None, float, help="deadline in seconds")
+    _flag(gen, "--token-file", None, help="bearer token file (or PAGEDSERVE_AUTH_TOKEN)")
+    _flag(gen, "--tls", False, bool, help="use TLS with the system's root certificates")
+    _flag(gen, "--tls-ca-file", None, help="CA certificate (PEM) that signed the server's")
+    _flag(gen, "--client-cert-file", None, help="client certificate (PEM) for mutual TLS")
+    _flag(gen, "--client-key-file", None, help="client private key (PEM) for mutual TLS")
+
+
+def run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pagedserve.client import Client
+    from pagedserve.server.config import read_token_file
+
+    token = os.environ.get("PAGEDSERVE_AUTH_TOKEN") or None
+    if args.token_file:
+        token = read_token_file(args.token_file)
+    sampling = {"max_tokens": args.max_tokens, "stop": args.stop}
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            sampling[name] = getattr(args, name)
+    if args.sampling_seed is not None:
+        sampling["seed"] = args.sampling_seed
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    client = Client(args.target, token=token, tls=args.tls, root_certificates=args.tls_ca_file,
+                    client_cert=args.client_cert_file, client_key=args.client_key_file,
+                    timeout=args.timeout)
+    try:
+        with client:
+            if args.stream:
+                for message in client.stream_generate(prompt, **sampling):
+                    print(message.text, end="", flush=True)
+                print()
+            else:
+                reply = client.generate(prompt, **sampling)
+                print(reply.completions[0].text)
+    except grpc.RpcError as exc:
+        print(f"pagedserve client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
