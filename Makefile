@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 CTEST_JOBS ?= 2
 FUZZ_SECONDS ?= 60
 
-.PHONY: install install-test run serve test test-cpp test-sanitize test-py bench clean
+.PHONY: install install-test run test test-cpp test-sanitize test-py clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
@@ -19,7 +19,7 @@ install-test: install
 	$(PIP) install -q -r requirements-test.txt
 
 run: install
-	pagedserve generate "Write a haiku about paged memory." --max-tokens 48
+	pagedserve serve
 
 test: install-test test-cpp test-sanitize test-py
 
