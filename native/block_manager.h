@@ -36,6 +36,9 @@ struct InvariantViolation : std::logic_error {
 
 enum class Device : uint8_t { kGpu = 0, kCpu = 1 };
 
+// How error messages name a sequence.
+inline std::string seq_name(SeqId seq) { return "sequence " + std::to_string(seq); }
+
 // Plain per-block metadata. Tokens are kept so a prefix hit can be verified
 // token by token: a hash collision must never serve another prompt's KV.
 //
