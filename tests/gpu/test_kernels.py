@@ -163,7 +163,7 @@ def test_decode_split_counters_reset_and_graph(loader):
         assert rel_err(out, want) < 1e-2
 
 
-def prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2)):
+def check_prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2)):
     H, hkv = heads
     kc, vc, bt = paged_kv(lens, block_size, hkv, head_size, dtype, gen)
     q = torch.randn(sum(new), H, head_size, generator=gen).to(dtype)
@@ -186,14 +186,14 @@ def test_prefill_varlen_cached_prefix(loader, dtype, head_size):
     # a chunk at the end of a long context, a one-token prompt
     lens = [37, 100, 17, 4097, 1]
     new = [37, 20, 1, 70, 1]
-    prefill_case(dtype, head_size, 16, gen, lens, new)
+    check_prefill_case(dtype, head_size, 16, gen, lens, new)
 
 
 @pytest.mark.parametrize("block_size", [8, 32])
 @pytest.mark.parametrize("heads", [(4, 4), (16, 1), (6, 2)], ids=str)
 def test_prefill_block_sizes_and_groups(loader, block_size, heads):
     gen = torch.Generator().manual_seed(block_size)
-    prefill_case(torch.bfloat16, 128, block_size, gen, [block_size + 1, 50, 9], [block_size + 1, 33, 2], heads)
+    check_prefill_case(torch.bfloat16, 128, block_size, gen, [block_size + 1, 50, 9], [block_size + 1, 33, 2], heads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
