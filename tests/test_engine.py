@@ -250,11 +250,12 @@ def test_bad_requests_raise_naming_the_field(llm):
     for prompt, message in cases:
         with pytest.raises(ValueError, match=message):
             eng.add_request("bad", prompt, SamplingParams())
-    with pytest.raises(ValueError, match="^beam_width"):
-        eng.add_request("bad", "hi", SamplingParams(beam_width=2))
     small = engine(llm, num_kv_blocks=4)
     with pytest.raises(ValueError, match="^max_tokens: the request needs up to 16 KV-cache"):
         small.add_request("big", "hi", SamplingParams(max_tokens=128))
+    # Every beam may need its own blocks by the end.
+    with pytest.raises(ValueError, match=r"^max_tokens: .* \(4 x \d+ cached tokens"):
+        small.add_request("beams", "hi", SamplingParams(beam_width=4, max_tokens=24))
     assert not eng.has_unfinished_requests() and not small.has_unfinished_requests()
 
 

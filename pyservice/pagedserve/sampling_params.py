@@ -26,9 +26,13 @@ class SamplingParams:
     """
 
     n: int = 1  # parallel samples of the prompt (they share its KV blocks)
-    beam_width: int = 1  # beam search when > 1 (not supported by the engine yet)
-    length_penalty: float = 1.0  # beam search: score / length ** length_penalty
-    early_stopping: bool = False  # beam search: stop once beam_width beams finished
+    # Beam search when > 1: deterministic, as transformers' with do_sample=False, so
+    # temperature, top_p, top_k, min_p and seed do not apply; the penalties do.
+    beam_width: int = 1
+    length_penalty: float = 1.0  # beam search: score = cumulative logprob / length ** this
+    # Beam search: True stops once beam_width hypotheses are finished; False once the
+    # best running beam can no longer beat the worst of them (transformers' heuristic).
+    early_stopping: bool = False
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     top_k: int = -1  # keep the k most likely tokens; -1 (or 0) = off
@@ -85,6 +89,9 @@ class SamplingParams:
         if self.beam_width > 1 and self.n > self.beam_width:
             raise ValueError(f"n must be <= beam_width ({self.beam_width}) for beam search, "
                              f"got {self.n}")
+        if self.beam_width > 1 and self.stop:
+            raise ValueError("stop strings are not supported with beam search "
+                             "(beam_width > 1); use stop_token_ids")
 
     def _check_int(self, name: str, minimum: int | None = None) -> None:
         value = getattr(self, name)

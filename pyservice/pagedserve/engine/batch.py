@@ -44,3 +44,6 @@ class SampleResult:
     token_id: int
     logprob: float  # log-softmax of the raw model logits at the sampled token (as vLLM)
     top_logprobs: dict[int, float] | None = None  # when params.logprobs is set
+    # Beam search (params.beam_width > 1): the best next tokens and their log-probs
+    # after the penalties, best first; token_id/logprob are the first of them.
+    beam_candidates: list[tuple[int, float]] | None = None

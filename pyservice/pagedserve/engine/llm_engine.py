@@ -71,8 +71,6 @@ class LLMEngine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
-        if params.beam_width > 1:
-            raise ValueError("beam_width > 1 (beam search) is not supported by this engine yet")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer and this model has none; "
                              "use stop_token_ids")
@@ -130,7 +128,8 @@ class LLMEngine:
         results = self.runner.execute(batch)
         progressed: dict[str, SequenceGroup] = {}
         for seq, group in self.scheduler.update(batch, results):
-            self._check_stop(seq, group)
+            if group.beam is None:  # beam search stops by its own rules
+                self._check_stop(seq, group)
             progressed[group.request_id] = group
         return [self._output(group) for group in progressed.values()]
 
@@ -169,6 +168,8 @@ class LLMEngine:
 
     def _output(self, group: SequenceGroup) -> RequestOutput:
         finished = group.is_finished
+        if group.beam is not None:
+            return self._beam_output(group)
         completions = []
         for seq in group.seqs:
             detok = self._detokenizers.get(seq.seq_id)
@@ -186,6 +187,40 @@ class LLMEngine:
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=completions,
                              finished=finished, metrics=group.metrics)
+
+    def _beam_output(self, group: SequenceGroup) -> RequestOutput:
+        """The best `n` hypotheses by score once the search is over; while it runs, the
+        live beams best first (the gRPC layer sends beam results whole at the end)."""
+        if group.is_finished:
+            done = group.beam.hypotheses[:group.params.n]
+            items = [(h.token_ids, h.cumulative_logprob, h.logprobs, h.finish_reason,
+                      h.stop_reason) for h in done]
+        else:
+            beams = sorted(group.live_seqs(), key=lambda s: -s.cumulative_logprob)
+            items = [(s.output_token_ids, s.cumulative_logprob, s.logprobs, None, None)
+                     for s in beams[:group.params.n]]
+        completions = []
+        for index, (tokens, cum, logprobs, reason, stop_reason) in enumerate(items):
+            completions.append(CompletionOutput(
+                index=index, text=self._text(group, tokens, reason), token_ids=list(tokens),
+                finish_reason=reason, cumulative_logprob=cum,
+                logprobs=list(logprobs) if logprobs is not None else None,
+                stop_reason=stop_reason))
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids, outputs=completions,
+                             finished=group.is_finished, metrics=group.metrics)
+
+    def _text(self, group: SequenceGroup, tokens: list[int], reason: str | None) -> str:
+        if self.tokenizer is None:
+            return ""
+        # The stop token that ended a hypothesis is in its token ids, not in its text.
+        if reason == "stop":
+            tokens = tokens[:-1]
+        detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, [])
+        for token in tokens:
+            detok.append(token)
+        detok.flush()
+        return detok.text
 
     # ---- introspection -----------------------------------------------------------
     def stats(self) -> dict:

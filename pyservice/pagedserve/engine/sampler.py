@@ -10,6 +10,10 @@ probability), and an exponential race, argmax(p / E) with E ~ Exp(1), which draw
 The noise of a row with a seed comes from a generator seeded by (seed, sample_index)
 alone, so its tokens do not depend on what else is batched, or on preemption.
 Logprobs are those of the raw model distribution, as vLLM reports them.
+
+Beam search rows sample nothing: they get their best next tokens by log-softmax, then
+the penalties and min_tokens masking (transformers' processed scores, which is what
+its beam search ranks); temperature, top-k/p, min-p and seeds do not apply to them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,35 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, works: list[SeqWork]) -> list[SampleResult]:
         """logits: float32 [len(works), vocab] on the sampler's device."""
         assert logits.shape[0] == len(works), "one row of logits per sampling sequence"
+        beams = [i for i, w in enumerate(works) if w.params.beam_width > 1]
+        if not beams:
+            return self._sample(logits, works)
+        out: list[SampleResult] = [None] * len(works)  # type: ignore[list-item]
+        rest = [i for i, w in enumerate(works) if w.params.beam_width == 1]
+        if rest:
+            for i, r in zip(rest, self._sample(logits[rest], [works[i] for i in rest])):
+                out[i] = r
+        for i, r in zip(beams, self.beam_candidates(logits[beams], [works[i] for i in beams])):
+            out[i] = r
+        return out
+
+    def beam_candidates(self, logits: torch.Tensor, works: list[SeqWork]) -> list[SampleResult]:
+        """Each row's best next tokens: enough for the beam search to see every
+        candidate it may pick (see BeamState.candidates_per_beam), or `logprobs` of
+        them when more are asked for."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = self.mask_min_tokens(self.apply_penalties(logprobs, works), works)
+        ks = [max(w.params.beam_width + len(w.eos_token_ids | set(w.params.stop_token_ids)),
+                  w.params.logprobs or 0) for w in works]
+        vals, ids = logprobs.topk(min(max(ks), logprobs.shape[1]), dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+        out = []
+        for i, k in enumerate(ks):
+            cands = list(zip(ids[i][:k], vals[i][:k]))
+            out.append(SampleResult(cands[0][0], cands[0][1], beam_candidates=cands))
+        return out
+
+    def _sample(self, logits: torch.Tensor, works: list[SeqWork]) -> list[SampleResult]:
         raw = logits
         lse = torch.logsumexp(raw, dim=-1)
         logits = self.apply_penalties(raw, works)
@@ -53,7 +86,7 @@ class Sampler:
         if all(t < _GREEDY_BELOW for t in temps):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, works, temps)
+            tokens = self._draw(logits, works, temps)
         chosen = (raw.gather(1, tokens[:, None]).squeeze(1) - lse).tolist()
         top = self._top_logprobs(raw, lse, works)
         token_list = tokens.tolist()
@@ -122,7 +155,7 @@ class Sampler:
         logits[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = float("-inf")
         return logits
 
-    def _sample(self, logits: torch.Tensor, works: list[SeqWork], temps: list[float]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, works: list[SeqWork], temps: list[float]) -> torch.Tensor:
         greedy = torch.tensor([t < _GREEDY_BELOW for t in temps], device=self.device)
         probs = self.probabilities(logits, works)
         sampled = (probs / self._noise(works, probs.shape[1])).argmax(dim=-1)

@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.engine import beam_search
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
 from pagedserve.observability.timeline import PhaseEvent
@@ -92,6 +93,8 @@ class Scheduler:
                               first_seq_id=next(self._seq_ids),
                               arrival_index=next(self._arrivals), priority=priority,
                               arrival_time=arrival_time)
+        if params.beam_width > 1:
+            group.beam = beam_search.BeamState(params, self.eos_token_ids)
         self._groups[request_id] = group
         self._seqs[group.seqs[0].seq_id] = (group.seqs[0], group)
         bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
@@ -102,13 +105,14 @@ class Scheduler:
         accepted, it would preempt itself forever."""
         # The last token of a sequence is sampled, never fed: it takes no slot.
         tokens = min(prompt_len + params.max_tokens, self.max_model_len) - 1
-        need = self._footprint(prompt_len, [tokens] * params.n)
+        width = max(params.n, params.beam_width)
+        need = self._footprint(prompt_len, [tokens] * width)
         if need > self.usable_gpu_blocks:
             raise ValueError(
                 f"max_tokens: the request needs up to {need} KV-cache blocks "
-                f"({params.n} x {tokens} cached tokens, {self.block_size} a block) but the "
+                f"({width} x {tokens} cached tokens, {self.block_size} a block) but the "
                 f"whole cache has {self.usable_gpu_blocks}; shorten the prompt or lower "
-                f"max_tokens or n")
+                f"max_tokens, n or beam_width")
 
     def _footprint(self, prompt_len: int, seq_lens: list[int]) -> int:
         """Blocks that sequences of these lengths with a common prompt hold: they share
@@ -138,18 +142,32 @@ class Scheduler:
         """Ends one sequence and frees its blocks at once; the request ends with its
         last sequence."""
         assert not seq.is_finished, f"sequence {seq.seq_id} finished twice"
-        _, group = self._seqs.pop(seq.seq_id)
-        blocks = 0
-        if seq.status in (Status.RUNNING, Status.SWAPPED):
-            blocks = len(self.bm.block_table(seq.seq_id))
-            self.bm.free(seq.seq_id)
-        seq.status = Status.FINISHED
+        group = self._seqs[seq.seq_id][1]
+        blocks = self.release_seq(seq)
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         now = time.monotonic()
         group.metrics.events.append(PhaseEvent(
             "finished", now, now, {"reason": reason, "seq": seq.index, "blocks": blocks}))
         if not group.live_seqs() and not group.needs_fork:
             self._retire(group)
+
+    def release_seq(self, seq: Sequence) -> int:
+        """Frees a sequence's blocks and forgets it (a beam that lost, or one that
+        finished); returns how many blocks it held."""
+        self._seqs.pop(seq.seq_id)
+        blocks = 0
+        if seq.status in (Status.RUNNING, Status.SWAPPED):
+            blocks = len(self.bm.block_table(seq.seq_id))
+            self.bm.free(seq.seq_id)
+        seq.status = Status.FINISHED
+        return blocks
+
+    def fork_seq(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
+        """A new beam sharing every block of `parent` (ref counts +1, no copy)."""
+        child = parent.fork(next(self._seq_ids), index)
+        self.bm.fork(parent.seq_id, child.seq_id)
+        self._seqs[child.seq_id] = (child, group)
+        return child
 
     def _retire(self, group: SequenceGroup) -> None:
         if group.status is Status.RUNNING:
@@ -373,9 +391,11 @@ class Scheduler:
     def update(self, batch: ScheduledBatch,
                results: list[SampleResult | None]) -> list[tuple[Sequence, SequenceGroup]]:
         """Records what the forward computed and sampled; returns the sequences that got
-        a new token. The caller checks stops and calls finish_seq."""
+        a new token. The caller checks stops and calls finish_seq, except for beam
+        search requests (one entry per request that stepped), which stop themselves."""
         assert len(results) == len(batch.work), "one result per scheduled sequence"
         sampled = []
+        beam_groups: dict[str, SequenceGroup] = {}
         computed_ids, computed_counts = [], []
         now = time.monotonic()
         for group, kind, blocks in self._step_swaps:  # the runner copied them in this step
@@ -399,6 +419,10 @@ class Scheduler:
                 continue
             assert result is not None, f"no sample for sequence {seq.seq_id}"
             self.num_generation_tokens += 1
+            if group.beam is not None:  # the search picks the tokens once every beam is in
+                seq.beam_candidates = result.beam_candidates
+                beam_groups[group.request_id] = group
+                continue
             seq.append_token(result.token_id, result.logprob, result.top_logprobs)
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
@@ -407,6 +431,13 @@ class Scheduler:
                 self._fork(group, seq)
         # Full blocks whose KV this forward wrote become servable from the prefix cache.
         self.bm.mark_computed(computed_ids, computed_counts)
+        for group in beam_groups.values():
+            # After a recompute the beams' prompts may end in different steps.
+            if all(s.beam_candidates is not None for s in group.live_seqs()):
+                beam_search.advance(self, group, self.max_model_len)
+                if group.metrics.first_token_time is None:
+                    group.metrics.first_token_time = now
+                sampled.append((group.seqs[0], group))
         return sampled
 
     def _fork(self, group: SequenceGroup, parent: Sequence) -> None:

@@ -1,7 +1,8 @@
 """Request state as the scheduler sees it: plain data, no tensors.
 
 A SequenceGroup is one request; its Sequences are the parallel samples (n > 1), which
-share the prompt's KV blocks after a fork. Token counts tell where each sequence is:
+share the prompt's KV blocks after a fork, or the live beams of a beam search, which
+share every block they have in common. Token counts tell where each sequence is:
 `num_computed_tokens` have KV in the cache, the rest of `token_ids` still has to be fed
 (a prompt chunk, the whole history after a recompute preemption, or the last sampled
 token in a plain decode step).
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from pagedserve.outputs import RequestMetrics
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.beam_search import BeamState
 
 
 class Status(enum.Enum):
@@ -48,6 +53,8 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # Beam search: this step's best next tokens, (token, log-prob) best first.
+        self.beam_candidates: list[tuple[int, float]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,12 +78,25 @@ class Sequence:
             entry[token_id] = logprob
             self.logprobs.append(entry)
 
+    def fork(self, seq_id: int, index: int) -> "Sequence":
+        """A copy holding the same tokens (a new beam; the block manager forks its KV)."""
+        child = Sequence(seq_id, index, self.prompt_token_ids, self.params)
+        child.output_token_ids = list(self.output_token_ids)
+        child.token_ids = list(self.token_ids)
+        child.status = self.status
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_slots = self.num_slots
+        child.cumulative_logprob = self.cumulative_logprob
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        return child
+
     def reset_for_recompute(self) -> None:
         """Forget the KV cache: the whole history (prompt + outputs) becomes the prompt
         of the next prefill; the tokens themselves never change."""
         self.num_computed_tokens = 0
         self.num_slots = 0
         self.status = Status.WAITING
+        self.beam_candidates = None  # its prefill will offer them again
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
@@ -99,6 +119,7 @@ class SequenceGroup:
         # Sample 0 exists from the start; the other n-1 are forked from it once the
         # prompt is in the cache, so the prompt is prefilled once and its blocks shared.
         self.seqs = [Sequence(first_seq_id, 0, prompt_token_ids, params)]
+        self.beam: BeamState | None = None  # set by the scheduler for beam_width > 1
         self.metrics = RequestMetrics(
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             num_prompt_tokens=len(prompt_token_ids))
@@ -110,13 +131,16 @@ class SequenceGroup:
 
     @property
     def needs_fork(self) -> bool:
-        return len(self.seqs) < self.params.n
+        """Parallel sampling only: beams fork as the search goes."""
+        return self.beam is None and len(self.seqs) < self.params.n
 
     @property
     def max_num_seqs(self) -> int:
         """Sequences this request will run at once (its share of max_num_seqs)."""
         if self.needs_fork:
             return self.params.n
+        if self.beam is not None and not self.is_finished:
+            return self.params.beam_width
         return sum(1 for s in self.seqs if not s.is_finished)
 
     def live_seqs(self) -> list[Sequence]:
