@@ -3,6 +3,10 @@
 It owns the model, the KV cache tensors (device pool + swap pool) and the sampler; it
 makes no scheduling decisions. Block counts are decided here (memory profiling on GPU,
 `kv_cache_gb` on CPU) and reported to whoever builds the block manager.
+
+On CUDA, decode-only steps replay captured CUDA graphs (engine/cuda_graphs.py) and
+every other step's inputs go up from pinned memory without synchronising; on CPU a
+step runs exactly as it always has.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from pagedserve import ops
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
+from pagedserve.engine.cuda_graphs import DecodeGraphs
 from pagedserve.engine.sampler import Sampler
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers import AttentionMetadata
@@ -25,6 +30,7 @@ from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 _GIB = 1 << 30
+_TORCH_INT = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
 
 
 @dataclass
@@ -39,11 +45,12 @@ class StepInputs:
 
 class ModelRunner:
     """`num_gpu_blocks` / `num_cpu_blocks` left None are sized by `profile_num_blocks`
-    (the resulting counts are on the instance, for the block manager)."""
+    (the resulting counts are on the instance, for the block manager). `cuda_graphs`:
+    capture decode graphs on CUDA (False: every step eager, for comparisons)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None,
                  num_gpu_blocks: int | None = None, num_cpu_blocks: int | None = None,
-                 source: ModelSource | None = None):
+                 source: ModelSource | None = None, cuda_graphs: bool = True):
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
@@ -58,6 +65,10 @@ class ModelRunner:
         self.gpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._block_counts: tuple[int, int] | None = None
+        self.graphs: DecodeGraphs | None = None  # the memory profile runs eagerly
+        # Prompt chunks with nothing cached before them go through FlashAttention-2
+        # (tensor cores) on CUDA in 16-bit; the paged prefill kernel runs on CUDA cores.
+        self.flash_prefill = self.device.type == "cuda" and self.dtype != torch.float32
         if num_gpu_blocks is None or num_cpu_blocks is None:
             gpu, cpu = self.profile_num_blocks()
             num_gpu_blocks = gpu if num_gpu_blocks is None else num_gpu_blocks
@@ -67,6 +78,13 @@ class ModelRunner:
         self._allocate_caches()
         log.info("KV cache: %d device blocks, %d swap blocks of %d tokens (%.1f MiB each)",
                  num_gpu_blocks, num_cpu_blocks, self.block_size, self.block_bytes / (1 << 20))
+        if cuda_graphs and self.device.type == "cuda":
+            mc = self.model_config
+            self.graphs = DecodeGraphs(
+                self.model, max_batch=config.max_num_seqs, max_model_len=self.max_model_len,
+                block_size=self.block_size, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                head_dim=mc.head_dim, dtype=self.dtype, device=self.device)
+            self.graphs.capture()
 
     @property
     def block_bytes(self) -> int:
@@ -165,15 +183,33 @@ class ModelRunner:
         self._cache_ops(batch)
         if not batch.work:
             return []
-        inputs = self.prepare_inputs(batch.work)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        logits, sample_works = self.forward_logits(batch.work)
         results: list[SampleResult | None] = [None] * len(batch.work)
-        if inputs.sample_works:
-            logits = self.model.compute_logits(hidden[inputs.logit_rows])
-            sampled = self.sampler(logits, [batch.work[i] for i in inputs.sample_works])
-            for i, r in zip(inputs.sample_works, sampled):
+        if sample_works:
+            sampled = self.sampler(logits, [batch.work[i] for i in sample_works])
+            for i, r in zip(sample_works, sampled):
                 results[i] = r
         return results
+
+    @torch.inference_mode()
+    def forward_logits(self, work: list[SeqWork]) -> tuple[torch.Tensor | None, list[int]]:
+        """The forward of one step: float32 logits of the sequences that sample, and
+        their indices into `work` (logits None when none samples). A decode-only step
+        replays a CUDA graph when one fits; anything else runs eagerly."""
+        hidden = self.graphs.run(work) if self.graphs is not None else None
+        if hidden is not None:  # rows in work order
+            sample_works = [i for i, w in enumerate(work) if w.sample]
+            if not sample_works:
+                return None, []
+            if len(sample_works) < len(work):
+                rows = torch.tensor(sample_works, dtype=torch.int64).pin_memory()
+                hidden = hidden[rows.to(self.device, non_blocking=True)]
+            return self.model.compute_logits(hidden), sample_works
+        inputs = self.prepare_inputs(work)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        if not inputs.sample_works:
+            return None, []
+        return self.model.compute_logits(hidden[inputs.logit_rows]), inputs.sample_works
 
     def _cache_ops(self, batch: ScheduledBatch) -> None:
         # Swap-out first: the blocks it frees may be this step's swap-in or copy targets.
@@ -186,15 +222,20 @@ class ModelRunner:
             ops.copy_blocks([k for k, _ in self.gpu_cache], [v for _, v in self.gpu_cache], mapping)
 
     def _swap(self, pairs, src_cache, dst_cache) -> None:
+        # Every layer's K and V caches in one call: on CUDA one launch (or one C++ copy
+        # loop) instead of 2 * num_layers calls, each with its own host overhead.
         mapping = torch.tensor(pairs, dtype=torch.int64)
-        for (src_k, src_v), (dst_k, dst_v) in zip(src_cache, dst_cache):
-            ops.swap_blocks(src_k, dst_k, mapping)
-            ops.swap_blocks(src_v, dst_v, mapping)
+        ops.swap_blocks([k for k, _ in src_cache] + [v for _, v in src_cache],
+                        [k for k, _ in dst_cache] + [v for _, v in dst_cache], mapping)
 
     def prepare_inputs(self, work: list[SeqWork]) -> StepInputs:
-        """Flat, unpadded inputs: multi-token sequences first, then decodes."""
-        order = ([i for i, w in enumerate(work) if len(w.token_ids) > 1]
-                 + [i for i, w in enumerate(work) if len(w.token_ids) == 1])
+        """Flat, unpadded inputs: multi-token sequences first, then decodes. With
+        FlashAttention prefill, chunks over a cached context precede whole-context ones."""
+        multi = [i for i, w in enumerate(work) if len(w.token_ids) > 1]
+        if self.flash_prefill:
+            multi = ([i for i in multi if work[i].start_pos > 0]
+                     + [i for i in multi if work[i].start_pos == 0])
+        order = multi + [i for i, w in enumerate(work) if len(w.token_ids) == 1]
         if len(order) != len(work):
             raise ValueError("every SeqWork needs at least one token to feed")
         seqs = [work[i] for i in order]
@@ -223,26 +264,47 @@ class ModelRunner:
         token_ids = np.fromiter((t for w in seqs for t in w.token_ids), dtype=np.int64,
                                 count=int(ends[-1]))
         npf = int(ends[num_prefills - 1]) if num_prefills else 0
-        dev = self.device
-
-        def i32(a):
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(dev)
-
-        md = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            num_prefill_tokens=npf,
-            prefill_block_tables=i32(tables[:num_prefills]),
-            prefill_query_start_loc=i32(np.concatenate(([0], ends[:num_prefills]))),
-            prefill_context_lens=i32(context[:num_prefills]),
-            decode_block_tables=i32(tables[num_prefills:]),
-            decode_context_lens=i32(context[num_prefills:]),
-        )
         sampling = [r for r, w in enumerate(seqs) if w.sample]
-        return StepInputs(
-            input_ids=torch.from_numpy(token_ids).to(dev),
-            positions=torch.from_numpy(positions).to(dev),
-            metadata=md,
-            order=order,
-            logit_rows=torch.from_numpy(ends[sampling] - 1).to(dev),
-            sample_works=[order[r] for r in sampling],
+        slot_t, ids_t, pos_t, rows_t = self._upload(
+            [slots, token_ids, positions, ends[sampling] - 1], np.int64)
+        # Whole-context chunks (ordered last among the prefills) for FlashAttention.
+        num_paged = sum(1 for w in seqs[:num_prefills] if w.start_pos > 0)
+        flash = self.flash_prefill and num_paged < num_prefills
+        fresh = lens[num_paged:num_prefills]
+        int32 = [tables[:num_prefills], np.concatenate(([0], ends[:num_prefills])),
+                 context[:num_prefills], tables[num_prefills:], context[num_prefills:]]
+        if flash:
+            int32.append(np.concatenate(([0], np.cumsum(fresh))))
+        pf_tables, qsl, pf_ctx, dec_tables, dec_ctx, *flash_cu = self._upload(int32, np.int32)
+        md = AttentionMetadata(
+            slot_mapping=slot_t,
+            num_prefill_tokens=npf,
+            prefill_block_tables=pf_tables,
+            prefill_query_start_loc=qsl,
+            prefill_context_lens=pf_ctx,
+            decode_block_tables=dec_tables,
+            decode_context_lens=dec_ctx,
         )
+        if flash:
+            md.flash_cu_seqlens = flash_cu[0]
+            md.num_paged_prefills = num_paged
+            md.flash_token_start = int(ends[num_paged - 1]) if num_paged else 0
+            md.flash_max_len = int(fresh.max())
+        return StepInputs(input_ids=ids_t, positions=pos_t, metadata=md, order=order,
+                          logit_rows=rows_t, sample_works=[order[r] for r in sampling])
+
+    def _upload(self, arrays: list[np.ndarray], dtype) -> list[torch.Tensor]:
+        """The arrays as tensors of `dtype` on the runner's device, shapes kept. On
+        CUDA they go up packed in one pinned buffer by one non-blocking copy (the
+        caching host allocator keeps the buffer until that copy has run)."""
+        arrays = [np.ascontiguousarray(a, dtype=dtype) for a in arrays]
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a) for a in arrays]
+        sizes = [a.size for a in arrays]
+        host = torch.empty(sum(sizes), dtype=_TORCH_INT[np.dtype(dtype)], pin_memory=True)
+        flat = host.numpy()
+        offsets = np.concatenate(([0], np.cumsum(sizes)))
+        for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
+            flat[lo:hi] = a.reshape(-1)
+        dev = host.to(self.device, non_blocking=True)
+        return [dev[lo:hi].view(a.shape) for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:])]
