@@ -112,6 +112,27 @@ __device__ __forceinline__ float4 ld_cg_f4(const float *p) {
   return v;
 }
 
+// Stores element d of one query head's merged result (running max M, sum L, weighted
+// value A), shared by both decode kernels: the output itself when the context was not
+// split, else this partition's normalised partial and its (max, sum) for
+// split_kv_finish. An empty context yields zeros.
+template <int DT>
+__device__ __forceinline__ void store_head_result(typename Elem<DT>::T *out, float *part_out,
+                                                  float *part_ml, i64 row, int d, int D,
+                                                  int nparts, int part, float M, float L,
+                                                  float A) {
+  if (nparts == 1) {
+    out[row * D + d] = Elem<DT>::from_f(L > 0.f ? A / L : 0.f);
+    return;
+  }
+  const i64 slot = row * nparts + part;
+  part_out[slot * D + d] = A / L;
+  if (d == 0) {
+    part_ml[slot * 2] = M;
+    part_ml[slot * 2 + 1] = L;
+  }
+}
+
 // Split-KV epilogue shared by both decode kernels. Every CTA of a
 // partitioned launch calls it once its normalised partial output and (max, sum)
 // are stored (a CTA whose partition holds no tokens calls it at once). The CTAs

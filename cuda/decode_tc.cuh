@@ -364,16 +364,8 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
       L += wt * sm_l[w * 16 + g];
       A += wt * sm_o[(w * 16 + g) * D + d];
     }
-    const i64 row = (i64)seq * num_heads + head0 + g;
-    if (nparts == 1) {
-      out[row * D + d] = E::from_f(L > 0.f ? A / L : 0.f);  // an empty context yields zeros
-    } else {
-      part_out[(row * nparts + part) * D + d] = A / L;
-      if (d == 0) {
-        part_ml[(row * nparts + part) * 2] = M;
-        part_ml[(row * nparts + part) * 2 + 1] = L;
-      }
-    }
+    store_head_result<DT>(out, part_out, part_ml, (i64)seq * num_heads + head0 + g, d, D,
+                          nparts, part, M, L, A);
   }
   if (nparts > 1)
     split_kv_finish<DT>(out, part_out, part_ml, counter, (i64)seq * num_heads + head0, nh, D,
