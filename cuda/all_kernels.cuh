@@ -5,3 +5,4 @@
 #include "decode.cuh"
 #include "decode_tc.cuh"
 #include "prefill.cuh"
+#include "layer_ops.cuh"

@@ -50,6 +50,16 @@ void copy_blocks(ptr src_ptrs, ptr dst_ptrs, ptr mapping, int num_pairs, int num
 // (copy engines, no SM time, no synchronisation for pinned memory).
 void memcpy_block_runs(ptr ptrs, ptr runs, int num_runs, int num_tensors, std::int64_t block_bytes,
                        ptr stream);
+// Fused layer ops (cuda/layer_ops.cuh); rows are contiguous, 16-byte aligned.
+// out[t] = silu(x[t, :inter]) * x[t, inter:]; grid (num_tokens, chunks).
+void silu_and_mul(int dtype, ptr out, ptr x, int num_tokens, int inter, int threads, int chunks,
+                  ptr stream);
+// residual += x; out = rms_norm(residual) * weight; one CTA of `threads` per token.
+void fused_add_rms_norm(int dtype, ptr out, ptr residual, ptr x, ptr weight, int num_tokens,
+                        int hidden, float eps, int threads, ptr stream);
+// Rotate-half RoPE in place on the first num_heads heads of each row of x.
+void rotary(int dtype, ptr x, std::int64_t row_stride, ptr positions, ptr cos_table, ptr sin_table,
+            int num_tokens, int num_heads, int head_size, int threads, ptr stream);
 // Index of the first of `count` pointers (a HOST int64 array) that the GPU
 // cannot address (pageable host memory), or -1 when all can.
 int first_unpinned(ptr ptrs, int count);

@@ -58,6 +58,20 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("num_runs"), py::arg("num_tensors"), py::arg("block_bytes"), py::arg("stream"),
         "cudaMemcpyAsync per (run of blocks, tensor); ptrs and runs are host arrays.");
 
+  m.def("silu_and_mul", &silu_and_mul, py::arg("dtype"), py::arg("out"), py::arg("x"),
+        py::arg("num_tokens"), py::arg("inter"), py::arg("threads"), py::arg("chunks"),
+        py::arg("stream"), "out = silu(gate) * up over the fused gate_up rows.");
+
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, py::arg("dtype"), py::arg("out"),
+        py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("num_tokens"),
+        py::arg("hidden"), py::arg("eps"), py::arg("threads"), py::arg("stream"),
+        "residual += x, then out = RMSNorm(residual) * weight.");
+
+  m.def("rotary", &rotary, py::arg("dtype"), py::arg("x"), py::arg("row_stride"),
+        py::arg("positions"), py::arg("cos_table"), py::arg("sin_table"), py::arg("num_tokens"),
+        py::arg("num_heads"), py::arg("head_size"), py::arg("threads"), py::arg("stream"),
+        "Rotate-half RoPE in place on the query and key heads.");
+
   m.def("first_unpinned", &first_unpinned, py::arg("ptrs"), py::arg("count"),
         "Index of the first host-array pointer the GPU cannot address, or -1.");
 }

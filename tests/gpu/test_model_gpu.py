@@ -18,11 +18,14 @@ pytestmark = pytest.mark.gpu
 
 VOCAB = 2048
 # Logit tolerance per dtype. A top-2 margin of twice that makes a greedy token "clear":
-# no pair of logits within TOL of transformers' can reorder it.
-TOL = {torch.float32: 2e-3, torch.bfloat16: 0.15}
+# no pair of logits within TOL of transformers' can reorder it. In bf16 the fused layer
+# kernels compute RoPE, SiLU*up and each norm in float32 and round once, where
+# transformers rounds to bf16 after every op: the logits (|x| up to ~30 here, where a
+# bf16 ulp is 0.125) differ by up to two ulps.
+TOL = {torch.float32: 2e-3, torch.bfloat16: 0.25}
 MARGIN = {dt: 2 * tol for dt, tol in TOL.items()}
 # Share of teacher-forced steps that must have a clear margin (else the test says little).
-COVER = {torch.float32: 0.9, torch.bfloat16: 0.3}
+COVER = {torch.float32: 0.9, torch.bfloat16: 0.25}
 
 
 @pytest.fixture(scope="module")

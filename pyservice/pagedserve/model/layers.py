@@ -50,20 +50,22 @@ class AttentionMetadata:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; given the residual stream too, adds x into it first (in place) and
+    normalises the sum: one fused kernel on CUDA instead of an add and a norm."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if x.is_cuda:
-            # One fused kernel (float32 inside) instead of seven: a decode step runs 64
-            # of these. It rounds once where the form below rounds twice (<= 1 bf16 ulp).
+            # One fused kernel (float32 inside) instead of seven; it rounds once where
+            # the reference form rounds twice (<= 1 bf16 ulp).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # In float32 whatever the model dtype, as the reference implementation does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ops.reference.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -71,7 +73,8 @@ class RotaryEmbedding(nn.Module):
 
     The sin table carries the sign of rotate-half (-sin on the first half), so applying
     it needs no negation; x2 * -s equals -x2 * s exactly, keeping bitwise parity with
-    the reference formula q * cos + rotate_half(q) * sin.
+    the reference formula q * cos + rotate_half(q) * sin on CPU. On CUDA one kernel
+    rotates in place, in float32 from the tables, rounding once.
     """
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
@@ -92,17 +95,9 @@ class RotaryEmbedding(nn.Module):
         self.cos = torch.cat((cos, cos), dim=-1).to(device)
         self.sin = torch.cat((-sin, sin), dim=-1).to(device)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin for each token: [num_tokens, 1, head_dim], once per step."""
-        return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, heads, head_dim] (queries and keys together)."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + swapped * sin
+    def apply_(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rotates x [num_tokens, heads, head_dim] (queries and keys together) in place."""
+        ops.rotary_embedding(x, positions, self.cos, self.sin)
 
 
 def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedserve import ops
 from pagedserve.model.config import ModelConfig
-from pagedserve.model.layers import (AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding,
-                                     apply_rope)
+from pagedserve.model.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -29,16 +28,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 md: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
-        # Queries and keys sit side by side: rotate them in one pass.
-        qk = apply_rope(qkv[:, :qk_size].view(n, -1, self.head_dim), *rope)
-        q = qk[:, : self.attn.num_heads]
-        k = qk[:, self.attn.num_heads:]
-        v = qkv[:, qk_size:].reshape(n, -1, self.head_dim)
+        # Queries and keys sit side by side: rotate them in one pass, in place. q, k and
+        # v stay row-strided views of the projection; the attention ops take that.
+        rope.apply_(qkv[:, :qk_size].view(n, -1, self.head_dim), positions)
+        q = qkv[:, : self.q_size].view(n, -1, self.head_dim)
+        k = qkv[:, self.q_size:qk_size].view(n, -1, self.head_dim)
+        v = qkv[:, qk_size:].view(n, -1, self.head_dim)
         out = self.attn(q, k, v, md)
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -51,8 +51,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -63,9 +62,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, md):
-        x = x + self.self_attn(self.input_layernorm(x), rope, md)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rope: RotaryEmbedding, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output; residual: the stream it adds to (None
+        for the first layer, whose x is the embedding). Each add is fused into the
+        norm that follows it; returns (MLP output, residual stream)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, md)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -77,11 +86,10 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg, max_positions)
 
     def forward(self, input_ids, positions, md):
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb.lookup(positions, x.dtype)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, rope, md)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary_emb, md)
+        return self.norm(x, residual)
 
 
 # checkpoint projection name -> (our fused parameter, shard index)

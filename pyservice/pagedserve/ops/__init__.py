@@ -19,7 +19,8 @@ from .loaders import available_loaders, get_loader, set_loader
 
 __all__ = [
     "allocate_kv_cache", "write_kv", "decode_attention", "prefill_attention", "copy_blocks",
-    "swap_blocks", "set_loader", "get_loader", "available_loaders",
+    "swap_blocks", "silu_and_mul", "fused_add_rms_norm", "rotary_embedding", "set_loader",
+    "get_loader", "available_loaders",
 ]
 
 
@@ -27,6 +28,12 @@ def _cuda():
     from . import _cuda_ops  # imported lazily: CPU-only installs never touch it
 
     return _cuda_ops
+
+
+def _cuda_layer():
+    from . import _cuda_layer_ops
+
+    return _cuda_layer_ops
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
@@ -83,3 +90,27 @@ def swap_blocks(src_cache, dst_cache, block_mapping) -> None:
         raise ValueError(f"src_cache has {len(srcs)} caches but dst_cache has {len(dsts)}")
     for s, d in zip(srcs, dsts):
         reference.swap_blocks(s, d, block_mapping)
+
+
+# ---- fused layer ops (decoder element-wise work) ----
+
+def silu_and_mul(x):
+    """silu(gate) * up for x = [num_tokens, 2 * intermediate] holding [gate | up]."""
+    if x.is_cuda:
+        return _cuda_layer().silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float):
+    """residual += x in place; returns RMSNorm(residual) * weight. [num_tokens, hidden]."""
+    if x.is_cuda:
+        return _cuda_layer().fused_add_rms_norm(x, residual, weight, eps)
+    return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(x, positions, cos_table, sin_table) -> None:
+    """Rotate-half RoPE in place on x [num_tokens, heads, head_size] at int64 `positions`;
+    cos/sin are float32 [max_positions, head_size] tables (sign folded into sin)."""
+    if x.is_cuda:
+        return _cuda_layer().rotary_embedding(x, positions, cos_table, sin_table)
+    return reference.rotary_embedding(x, positions, cos_table, sin_table)

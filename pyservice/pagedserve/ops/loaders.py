@@ -87,6 +87,9 @@ class CompiledLoader:
         self.copy_blocks = _cuda.copy_blocks
         self.memcpy_block_runs = _cuda.memcpy_block_runs
         self.first_unpinned = _cuda.first_unpinned
+        self.silu_and_mul = _cuda.silu_and_mul
+        self.fused_add_rms_norm = _cuda.fused_add_rms_norm
+        self.rotary = _cuda.rotary
 
 
 def kernel_source_dir() -> pathlib.Path:
@@ -103,7 +106,8 @@ def kernel_source() -> str:
     CuPy's on-disk kernel cache keys on the real source text."""
     d = kernel_source_dir()
     parts = []
-    for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "decode_tc.cuh", "prefill.cuh"):
+    for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "decode_tc.cuh", "prefill.cuh",
+                 "layer_ops.cuh"):
         text = (d / name).read_text()
         parts.append(re.sub(r'^#include ".*"$', "", text, flags=re.M))
     return "\n".join(parts)
@@ -231,6 +235,37 @@ class CupyLoader:
             for i in range(num_runs):
                 s, d, n = r[3 * i:3 * i + 3]
                 memcpy(dst + d * block_bytes, src + s * block_bytes, n * block_bytes, kind, stream)
+
+    def _layer_fn(self, name: str, dtype: int):
+        names = [f"ps::{k}<{dtype}>" for k in
+                 ("silu_and_mul_kernel", "fused_add_rms_norm_kernel", "rotary_kernel")]
+        return self._module(("layer", dtype), names).get_function(f"ps::{name}<{dtype}>")
+
+    def silu_and_mul(self, dtype, out, x, num_tokens, inter, threads, chunks, stream):
+        if num_tokens == 0:
+            return
+        u = np.uint64
+        self._launch(self._layer_fn("silu_and_mul_kernel", dtype), (num_tokens, chunks, 1),
+                     (threads, 1, 1), (u(out), u(x), np.int32(inter)), stream)
+
+    def fused_add_rms_norm(self, dtype, out, residual, x, weight, num_tokens, hidden, eps, threads,
+                           stream):
+        if num_tokens == 0:
+            return
+        u = np.uint64
+        args = (u(out), u(residual), u(x), u(weight), np.int32(hidden), np.float32(eps))
+        self._launch(self._layer_fn("fused_add_rms_norm_kernel", dtype), (num_tokens, 1, 1),
+                     (threads, 1, 1), args, stream)
+
+    def rotary(self, dtype, x, row_stride, positions, cos_table, sin_table, num_tokens, num_heads,
+               head_size, threads, stream):
+        if num_tokens == 0:
+            return
+        u, i32 = np.uint64, np.int32
+        args = (u(x), np.int64(row_stride), u(positions), u(cos_table), u(sin_table),
+                i32(num_heads), i32(head_size))
+        self._launch(self._layer_fn("rotary_kernel", dtype), (num_tokens, 1, 1), (threads, 1, 1),
+                     args, stream)
 
     def first_unpinned(self, ptrs, count):
         rt = self._cp.cuda.runtime

@@ -133,3 +133,40 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor,
     """dst_cache[dst] <- src_cache[src] across devices (GPU <-> pinned CPU)."""
     src, dst = _pairs(block_mapping, "cpu")
     dst_cache[dst.to(dst_cache.device)] = src_cache[src.to(src_cache.device)].to(dst_cache.device)
+
+
+# ---- fused layer ops: the CPU path of the model and the oracle of the CUDA kernels ----
+# In the model's dtype, rounding after each op exactly as the unfused model code did;
+# given float64 tensors they compute in float64.
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] along the last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In float32 (float64 for float64 input) whatever the storage dtype."""
+    h = x.to(_compute_dtype(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """residual += x (in place), then RMSNorm of the sum."""
+    residual.add_(x)
+    return rms_norm(residual, weight, eps)
+
+
+def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                     sin_table: torch.Tensor) -> None:
+    """Rotate-half RoPE in place on x [num_tokens, heads, head_size] (a view may be
+    strided between tokens). cos/sin: [max_positions, head_size] tables with the sign
+    of rotate-half folded into sin, so x * cos + swap_halves(x) * sin is the rotation."""
+    pos = positions.to(device=cos_table.device, dtype=torch.long)
+    cos = cos_table[pos].unsqueeze(1).to(device=x.device, dtype=x.dtype)
+    sin = sin_table[pos].unsqueeze(1).to(device=x.device, dtype=x.dtype)
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    x.copy_(x * cos + swapped * sin)
