@@ -1,4 +1,9 @@
-"""What the engine hands back for each request that progressed in a step."""
+"""What the engine hands back for each request that progressed in a step.
+
+Plain slotted dataclasses: the engine builds one RequestOutput (and a CompletionOutput
+per sequence) for every request that progressed, every step, so construction is kept
+cheap; `dataclasses.replace` and `fields` work on them as on any dataclass.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pagedserve.observability.timeline import PhaseEvent
 FinishReason = Literal["stop", "length", "abort"]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence; text and token ids are cumulative (everything so far)."""
 
@@ -28,7 +33,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestMetrics:
     """Times are time.monotonic() seconds; None until the event happened."""
 
@@ -44,7 +49,7 @@ class RequestMetrics:
     events: list[PhaseEvent] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -45,6 +45,65 @@ class _Budget:
         self.seqs -= seqs
 
 
+_NO_EOS: frozenset[int] = frozenset()
+
+
+class _DecodeRun:
+    """Decodes of one-sequence requests whose slots are reserved in one native
+    append_slots call (one call per step instead of one per sequence).
+
+    The blocks they take are counted here, so the run stops taking sequences exactly
+    where the block manager's can_append would say no: a lone sequence needs a new
+    block only when its last one is full, because its partly filled last block is
+    never shared (only forks share one, and forks stay in their own request; the
+    prefix cache serves full blocks only). So its block table changes only then, and
+    is read again only then. append_slots is all or nothing, so a wrong count would
+    raise instead of reserving part of the run; a copy-on-write, which would mean a
+    shared last block, makes every table of the run be read again."""
+
+    def __init__(self, sched: Scheduler, batch: ScheduledBatch):
+        self.sched = sched
+        self.batch = batch
+        self.block_size = sched.block_size
+        self.entries: list[tuple[Sequence, SequenceGroup]] = []
+        self.append_ids: list[int] = []
+        self.append_tokens: list[int] = []
+        self.free_blocks: int | None = None  # read lazily, less what the run takes
+
+    def add(self, seq: Sequence, group: SequenceGroup) -> bool:
+        """Joins a decode (one token to feed); False when its slot needs a block and
+        none is left."""
+        if seq.num_slots < len(seq.token_ids):  # the last sampled token needs its slot
+            if seq.num_slots % self.block_size == 0:
+                if self.free_blocks is None:
+                    self.free_blocks = self.sched.bm.num_free_gpu_blocks
+                if self.free_blocks == 0:
+                    return False
+                self.free_blocks -= 1
+                seq.cached_block_table = None  # it gains a block
+            self.append_ids.append(seq.seq_id)
+            self.append_tokens.append(seq.token_ids[-1])
+        self.entries.append((seq, group))
+        return True
+
+    def flush(self) -> None:
+        """Reserves the slots and adds the run's work to the batch, in order."""
+        sched, batch = self.sched, self.batch
+        if self.append_ids:
+            copies = sched.bm.append_slots(self.append_ids, self.append_tokens)
+            if copies:  # never for lone sequences; if ever, read every table again
+                for seq, _ in self.entries:
+                    seq.cached_block_table = None
+            batch.copies.extend(tuple(c) for c in copies)
+            self.append_ids, self.append_tokens = [], []
+        for seq, group in self.entries:
+            num_tokens = len(seq.token_ids)
+            seq.num_slots = num_tokens
+            batch.work.append(sched._work(seq, group, num_tokens - 1, num_tokens))
+        self.entries.clear()
+        self.free_blocks = None  # the caller may free or take blocks next
+
+
 class Scheduler:
     def __init__(self, block_manager: Any, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, preemption_mode: str = "auto",
@@ -61,6 +120,9 @@ class Scheduler:
         self.usable_gpu_blocks = self.num_gpu_blocks - block_manager.watermark_blocks
         self.waiting: list[SequenceGroup] = []
         self.running: list[SequenceGroup] = []
+        # The running requests with n > 1 or beam search, kept by _start_running and
+        # _stop_running, for _num_running_seqs.
+        self._running_multi: set[SequenceGroup] = set()
         self.swapped: list[SequenceGroup] = []
         self._groups: dict[str, SequenceGroup] = {}
         self._seqs: dict[int, tuple[Sequence, SequenceGroup]] = {}
@@ -159,6 +221,7 @@ class Scheduler:
         if seq.status in (Status.RUNNING, Status.SWAPPED):
             blocks = len(self.bm.block_table(seq.seq_id))
             self.bm.free(seq.seq_id)
+            seq.cached_block_table = None
         seq.status = Status.FINISHED
         return blocks
 
@@ -166,12 +229,13 @@ class Scheduler:
         """A new beam sharing every block of `parent` (ref counts +1, no copy)."""
         child = parent.fork(next(self._seq_ids), index)
         self.bm.fork(parent.seq_id, child.seq_id)
+        parent.cached_block_table = None  # its next append copies its shared last block
         self._seqs[child.seq_id] = (child, group)
         return child
 
     def _retire(self, group: SequenceGroup) -> None:
         if group.status is Status.RUNNING:
-            self.running.remove(group)
+            self._stop_running(group)
         group.status = Status.FINISHED
         group.metrics.finished_time = time.monotonic()
         self._groups.pop(group.request_id, None)
@@ -187,8 +251,10 @@ class Scheduler:
         self.step_start = time.monotonic()
         batch = ScheduledBatch(work=[])
         budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
-        preempted = self._schedule_decodes(batch, budget)
-        for group in self.running:
+        preempted, prompts_left = self._schedule_decodes(batch, budget)
+        for group in prompts_left:
+            if budget.tokens <= 0 or budget.seqs <= 0:
+                break  # the budget only shrinks: no later prompt chunk could run
             self._schedule_prefills(group, batch, budget)
         if not preempted:
             self._schedule_swapped(batch, budget)
@@ -200,19 +266,49 @@ class Scheduler:
             self.decode_batch_sizes[num_decodes] += 1
         return batch
 
-    def _schedule_decodes(self, batch: ScheduledBatch, budget: _Budget) -> bool:
+    def _schedule_decodes(self, batch: ScheduledBatch,
+                          budget: _Budget) -> tuple[bool, list[SequenceGroup]]:
+        """Decodes in queue order, preempting from the back when there is no slot.
+        Returns whether it preempted, and the running requests that may have prompt
+        left to feed, in queue order (so the prefill pass need not walk them all).
+
+        A request of one sequence (the common case) only joins `run`, whose slots are
+        reserved in one native call; any other request first flushes `run`, so the
+        block manager sees the appends and preemptions in queue order, exactly as with
+        one append_slot call per sequence."""
         preempted = False
+        prompts_left: list[SequenceGroup] = []
+        run = _DecodeRun(self, batch)
         i = 0
         while i < len(self.running):
             group = self.running[i]
-            seqs = [s for s in group.live_seqs() if s.num_uncomputed == 1]
-            if not seqs:
-                i += 1
-                continue
-            if len(seqs) > min(budget.tokens, budget.seqs):
-                break
+            if len(group.seqs) == 1:
+                seq = group.seqs[0]
+                uncomputed = seq.num_uncomputed
+                if uncomputed != 1 or seq.is_finished:
+                    if uncomputed > 1:
+                        prompts_left.append(group)
+                    i += 1
+                    continue
+                if budget.tokens < 1 or budget.seqs < 1:
+                    break
+                if run.add(seq, group):
+                    budget.take(1, 1)
+                    i += 1
+                    continue
+                seqs = [seq]  # no free block left: preempt below
+            else:
+                seqs = [s for s in group.live_seqs() if s.num_uncomputed == 1]
+                if not seqs:
+                    prompts_left.append(group)
+                    i += 1
+                    continue
+                if len(seqs) > min(budget.tokens, budget.seqs):
+                    break
+            run.flush()
             while not self._can_append(seqs):
-                victim = self.running.pop()
+                victim = self.running[-1]
+                self._stop_running(victim)
                 self._preempt(victim, batch)
                 preempted = True
                 if victim is group:
@@ -221,8 +317,13 @@ class Scheduler:
                 for seq in seqs:
                     self._schedule_seq(seq, group, 1, batch)
                 budget.take(len(seqs), len(seqs))
+                prompts_left.append(group)  # its other sequences may still prefill
                 i += 1
-        return preempted
+        run.flush()
+        # Preemption only ever takes requests from the back, past `i`: the ones
+        # visited are all still running, the rest were not looked at.
+        prompts_left.extend(self.running[i:])
+        return preempted, prompts_left
 
     def _schedule_prefills(self, group: SequenceGroup, batch: ScheduledBatch,
                            budget: _Budget, admitted: bool = False) -> None:
@@ -251,8 +352,8 @@ class Scheduler:
             self._step_swaps.append((group, "swapped_in", len(mapping)))
             for seq in seqs:
                 seq.status = Status.RUNNING
-            group.status = Status.RUNNING
-            bisect.insort(self.running, group, key=lambda g: g.sort_key)
+                seq.cached_block_table = None
+            self._start_running(group)
             decodes = [s for s in seqs if s.num_uncomputed == 1]
             if decodes and len(decodes) <= min(budget.tokens, budget.seqs) \
                     and self._can_append(decodes):
@@ -271,12 +372,27 @@ class Scheduler:
             self.waiting.pop(0)
             for seq in seqs:
                 self._allocate(seq, group)
-            group.status = Status.RUNNING
-            bisect.insort(self.running, group, key=lambda g: g.sort_key)
+            self._start_running(group)
             self._schedule_prefills(group, batch, budget, admitted=True)
 
     def _num_running_seqs(self) -> int:
-        return sum(g.max_num_seqs for g in self.running)
+        # A running request of one sample and no beams runs exactly one sequence (it
+        # retires when that one finishes): only the others need counting.
+        return len(self.running) + sum(g.max_num_seqs - 1 for g in self._running_multi)
+
+    def _start_running(self, group: SequenceGroup) -> None:
+        group.status = Status.RUNNING
+        bisect.insort(self.running, group, key=lambda g: g.sort_key)
+        if group.params.n > 1 or group.beam is not None:
+            self._running_multi.add(group)
+
+    def _stop_running(self, group: SequenceGroup) -> None:
+        """Takes `group` out of `running`; the caller sets its new status."""
+        if self.running and self.running[-1] is group:  # a preemption victim: O(1)
+            self.running.pop()
+        else:
+            self.running.remove(group)
+        self._running_multi.discard(group)
 
     # ---- block manager calls ---------------------------------------------------------
     def _can_allocate(self, seqs: list[Sequence], group: SequenceGroup) -> bool:
@@ -290,6 +406,7 @@ class Scheduler:
     def _allocate(self, seq: Sequence, group: SequenceGroup) -> None:
         cached = self.bm.allocate(seq.seq_id, seq.token_ids)
         seq.num_slots = seq.num_tokens
+        seq.cached_block_table = None
         seq.status = Status.RUNNING
         # The manager serves only computed blocks and always leaves the last token to
         # feed: its logits give the next token.
@@ -329,17 +446,26 @@ class Scheduler:
         while seq.num_slots < end:  # a decode: the last sampled token needs its slot
             cow = self.bm.append_slot(seq.seq_id, seq.token_ids[seq.num_slots])
             seq.num_slots += 1
+            seq.cached_block_table = None
             if cow is not None:
                 batch.copies.append(tuple(cow))
-        table = self.bm.block_table(seq.seq_id)
-        eos = frozenset() if seq.params.ignore_eos else self.eos_token_ids
-        batch.work.append(SeqWork(
-            seq_id=seq.seq_id, token_ids=seq.token_ids[start:end], start_pos=start,
-            block_table=table, sample=end == seq.num_tokens, params=seq.params,
-            prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
-            sample_index=len(seq.output_token_ids), eos_token_ids=eos))
+        batch.work.append(self._work(seq, group, start, end))
+
+    def _work(self, seq: Sequence, group: SequenceGroup, start: int, end: int) -> SeqWork:
+        """Feeds token_ids[start:end], whose slots are reserved."""
         if group.metrics.first_scheduled_time is None:
             group.metrics.first_scheduled_time = time.monotonic()
+        # A decode gains a block once every block_size steps: read the table only then.
+        table = seq.cached_block_table
+        if table is None:
+            table = seq.cached_block_table = self.bm.block_table(seq.seq_id)
+        # Positional: built for every sequence every step, and keyword arguments
+        # double the cost of a dataclass's __init__. Fields in SeqWork's order.
+        return SeqWork(
+            seq.seq_id, seq.token_ids[start:end], start, table,
+            end == len(seq.token_ids), seq.params, seq.prompt_token_ids,
+            seq.output_token_ids, len(seq.output_token_ids),
+            _NO_EOS if seq.params.ignore_eos else self.eos_token_ids)
 
     # ---- preemption ------------------------------------------------------------------
     def _preempt(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
@@ -380,6 +506,7 @@ class Scheduler:
         self.num_blocks_swapped_out += len(mapping)
         for seq in seqs:
             seq.status = Status.SWAPPED
+            seq.cached_block_table = None
         group.status = Status.SWAPPED
         bisect.insort(self.swapped, group, key=lambda g: g.sort_key)
         self.num_preemptions["swap"] += 1
@@ -397,6 +524,7 @@ class Scheduler:
         sampled = []
         beam_groups: dict[str, SequenceGroup] = {}
         computed_ids, computed_counts = [], []
+        num_sampled = 0
         now = time.monotonic()
         for group, kind, blocks in self._step_swaps:  # the runner copied them in this step
             group.metrics.events.append(PhaseEvent(kind, self.step_start, now, {"blocks": blocks}))
@@ -418,7 +546,7 @@ class Scheduler:
             if not work.sample:
                 continue
             assert result is not None, f"no sample for sequence {seq.seq_id}"
-            self.num_generation_tokens += 1
+            num_sampled += 1
             if group.beam is not None:  # the search picks the tokens once every beam is in
                 seq.beam_candidates = result.beam_candidates
                 beam_groups[group.request_id] = group
@@ -427,8 +555,9 @@ class Scheduler:
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             sampled.append((seq, group))
-            if group.needs_fork:
+            if len(group.seqs) < group.params.n:  # group.needs_fork, beams being out
                 self._fork(group, seq)
+        self.num_generation_tokens += num_sampled
         # Full blocks whose KV this forward wrote become servable from the prefix cache.
         self.bm.mark_computed(computed_ids, computed_counts)
         for group in beam_groups.values():
@@ -451,6 +580,7 @@ class Scheduler:
                 params = params.clone(seed=derived_seed(params.seed, index))
             child = Sequence(next(self._seq_ids), index, group.prompt_token_ids, params)
             self.bm.fork(parent.seq_id, child.seq_id)
+            parent.cached_block_table = None  # its next append copies its shared last block
             child.num_slots = prompt_len
             child.num_computed_tokens = prompt_len - 1
             child.status = Status.RUNNING
