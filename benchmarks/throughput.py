@@ -310,7 +310,9 @@ def run_hf_cb(model, workload, time_limit: float) -> dict:
             useful += min(len(getattr(r, "generated_tokens", []) or []), want[r.request_id])
         seconds = time.perf_counter() - start
     finally:
-        manager.stop(block=True, timeout=30)
+        # A hard stop when requests are left: a soft stop that times out switches the
+        # model back to plain SDPA under the still-running loop, which then crashes.
+        manager.stop(block=True, hard_stop=done < len(workload))
     return {"requests": done, "seconds": seconds, "useful_tokens": useful,
             "tokens_per_s": useful / seconds}
 
@@ -323,7 +325,7 @@ def environment() -> dict:
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         driver = "unknown"
-    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "driver": driver, "cuda": torch.version.cuda,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
@@ -336,7 +338,7 @@ def main() -> None:
     ap.add_argument("--min-output", type=int, default=32)
     ap.add_argument("--max-output", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
