@@ -18,7 +18,9 @@ class SeqWork:
     seq_id: int
     token_ids: list[int]  # tokens to feed this step: a prompt chunk, or [last sampled token]
     start_pos: int  # position of token_ids[0] in the sequence
-    block_table: list[int]  # the whole table (GPU block ids); covers start_pos + len(token_ids)
+    # The whole table (GPU block ids); covers start_pos + len(token_ids). Read-only: the
+    # scheduler hands the same list object out step after step until the table changes.
+    block_table: list[int]
     sample: bool  # False for a prefill chunk that does not reach the prompt's end
     params: SamplingParams
     prompt_token_ids: list[int]  # for the repetition penalty

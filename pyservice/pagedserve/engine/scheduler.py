@@ -32,6 +32,7 @@ from typing import Any
 
 from pagedserve.engine import beam_search
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
+from pagedserve.engine.decode_run import DecodeRun
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
 from pagedserve.observability.timeline import PhaseEvent
 
@@ -46,62 +47,6 @@ class _Budget:
 
 
 _NO_EOS: frozenset[int] = frozenset()
-
-
-class _DecodeRun:
-    """Decodes of one-sequence requests whose slots are reserved in one native
-    append_slots call (one call per step instead of one per sequence).
-
-    The blocks they take are counted here, so the run stops taking sequences exactly
-    where the block manager's can_append would say no: a lone sequence needs a new
-    block only when its last one is full, because its partly filled last block is
-    never shared (only forks share one, and forks stay in their own request; the
-    prefix cache serves full blocks only). So its block table changes only then, and
-    is read again only then. append_slots is all or nothing, so a wrong count would
-    raise instead of reserving part of the run; a copy-on-write, which would mean a
-    shared last block, makes every table of the run be read again."""
-
-    def __init__(self, sched: Scheduler, batch: ScheduledBatch):
-        self.sched = sched
-        self.batch = batch
-        self.block_size = sched.block_size
-        self.entries: list[tuple[Sequence, SequenceGroup]] = []
-        self.append_ids: list[int] = []
-        self.append_tokens: list[int] = []
-        self.free_blocks: int | None = None  # read lazily, less what the run takes
-
-    def add(self, seq: Sequence, group: SequenceGroup) -> bool:
-        """Joins a decode (one token to feed); False when its slot needs a block and
-        none is left."""
-        if seq.num_slots < len(seq.token_ids):  # the last sampled token needs its slot
-            if seq.num_slots % self.block_size == 0:
-                if self.free_blocks is None:
-                    self.free_blocks = self.sched.bm.num_free_gpu_blocks
-                if self.free_blocks == 0:
-                    return False
-                self.free_blocks -= 1
-                seq.cached_block_table = None  # it gains a block
-            self.append_ids.append(seq.seq_id)
-            self.append_tokens.append(seq.token_ids[-1])
-        self.entries.append((seq, group))
-        return True
-
-    def flush(self) -> None:
-        """Reserves the slots and adds the run's work to the batch, in order."""
-        sched, batch = self.sched, self.batch
-        if self.append_ids:
-            copies = sched.bm.append_slots(self.append_ids, self.append_tokens)
-            if copies:  # never for lone sequences; if ever, read every table again
-                for seq, _ in self.entries:
-                    seq.cached_block_table = None
-            batch.copies.extend(tuple(c) for c in copies)
-            self.append_ids, self.append_tokens = [], []
-        for seq, group in self.entries:
-            num_tokens = len(seq.token_ids)
-            seq.num_slots = num_tokens
-            batch.work.append(sched._work(seq, group, num_tokens - 1, num_tokens))
-        self.entries.clear()
-        self.free_blocks = None  # the caller may free or take blocks next
 
 
 class Scheduler:
@@ -278,7 +223,7 @@ class Scheduler:
         one append_slot call per sequence."""
         preempted = False
         prompts_left: list[SequenceGroup] = []
-        run = _DecodeRun(self, batch)
+        run = DecodeRun(self, batch)
         i = 0
         while i < len(self.running):
             group = self.running[i]
@@ -471,7 +416,8 @@ class Scheduler:
     def _preempt(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
         """Takes a request (already out of `running`) off the GPU. `auto` swaps groups
         of several sequences (recomputing them would redo the shared prompt once per
-        sample) and recomputes single ones (cheaper than the round trip over PCIe)."""
+        sample) and recomputes single ones. (On an H100 a swap round trip measured 4-9x
+        cheaper than recomputing a single sequence too: docs/throughput_gpu.md.)"""
         mode = self.preemption_mode
         if mode == "auto":
             mode = "swap" if len(group.live_seqs()) > 1 else "recompute"
