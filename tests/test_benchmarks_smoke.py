@@ -179,3 +179,17 @@ def test_llama8b_route_on_a_shrunken_config(tmp_path, monkeypatch):
     row = json.loads(out.read_text())["results"]["rows"][0]
     assert row["block_bytes"] == 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, tokens, kv heads, head dim, fp32
     assert row["roundtrip_exact"] is True
+
+
+def test_host_overhead_runs_every_request_to_its_length():
+    host = _load("host_overhead")
+    import argparse
+
+    args = argparse.Namespace(num_requests=20, min_prompt=8, max_prompt=64, min_output=2, max_output=16,
+                              seed=3, max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256,
+                              block_size=16, num_gpu_blocks=64, num_cpu_blocks=16, vocab_size=32000)
+    run = host.run_once(args, None)
+    workload = host.make_workload(args)
+    assert run["generation_tokens"] == sum(n for _, n in workload)
+    assert run["prompt_tokens"] >= sum(len(p) for p, _ in workload)  # recomputes count again
+    assert run["steps"] > 0 and run["ms_per_step"] > 0
