@@ -26,7 +26,8 @@ import io
 import json
 import platform
 import pstats
-import random
+import os
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -35,6 +36,9 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import SampleResult, ScheduledBatch
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.sampling_params import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import add_workload_args, make_workload  # noqa: E402
 
 
 class NullRunner:
@@ -59,14 +63,6 @@ class NullRunner:
         return [SampleResult(self.token, -0.5) if w.sample else None for w in batch.work]
 
 
-def make_workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
-    rng = random.Random(args.seed)
-    low = min(1000, args.vocab_size // 2)  # clear of the special tokens
-    return [([rng.randrange(low, args.vocab_size)
-              for _ in range(rng.randint(args.min_prompt, args.max_prompt))],
-             rng.randint(args.min_output, args.max_output)) for _ in range(args.num_requests)]
-
-
 class GcTimer:
     """Collections and seconds spent in them, by generation, while installed."""
 
@@ -88,7 +84,7 @@ def run_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict
                           max_num_batched_tokens=args.max_num_batched_tokens)
     with tempfile.TemporaryDirectory() as directory:
         engine = LLMEngine(config, runner=NullRunner(args, directory))
-    for i, (prompt, max_tokens) in enumerate(make_workload(args)):
+    for i, (prompt, max_tokens) in enumerate(make_workload(args, args.vocab_size)):
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                            ignore_eos=True))
     gc_timer = GcTimer()
@@ -116,12 +112,7 @@ def run_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-requests", type=int, default=1000)
-    ap.add_argument("--min-prompt", type=int, default=128)
-    ap.add_argument("--max-prompt", type=int, default=1024)
-    ap.add_argument("--min-output", type=int, default=32)
-    ap.add_argument("--max-output", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)

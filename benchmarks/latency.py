@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import LLAMA_8B, environment, make_workload  # noqa: E402
+from throughput import LLAMA_8B, add_workload_args, environment, make_workload  # noqa: E402
 
 
 # ---- shared with preemption_block_size.py ---------------------------------------------
@@ -267,12 +267,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--rates", default="2,8,16", help="requests/s, comma separated")
     ap.add_argument("--hf-rates", help="transformers' rates (default: --rates)")
-    ap.add_argument("--num-requests", type=int, default=200, help="per rate, pagedserve")
-    ap.add_argument("--min-prompt", type=int, default=128)
-    ap.add_argument("--max-prompt", type=int, default=1024)
-    ap.add_argument("--min-output", type=int, default=32)
-    ap.add_argument("--max-output", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    add_workload_args(ap, num_requests=200)  # --num-requests: per rate, pagedserve
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)

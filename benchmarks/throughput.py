@@ -43,6 +43,16 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
 
 
+def add_workload_args(ap: argparse.ArgumentParser, num_requests: int = 1000) -> None:
+    """The workload flags every GPU benchmark shares (issue 9's request mix by default)."""
+    ap.add_argument("--num-requests", type=int, default=num_requests)
+    ap.add_argument("--min-prompt", type=int, default=128)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--min-output", type=int, default=32)
+    ap.add_argument("--max-output", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def make_workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
     """The one request list every system gets: (prompt token ids, output length)."""
     rng = random.Random(args.seed)
@@ -332,12 +342,7 @@ def environment() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-requests", type=int, default=1000)
-    ap.add_argument("--min-prompt", type=int, default=128)
-    ap.add_argument("--max-prompt", type=int, default=1024)
-    ap.add_argument("--min-output", type=int, default=32)
-    ap.add_argument("--max-output", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    add_workload_args(ap)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)

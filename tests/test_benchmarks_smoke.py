@@ -189,7 +189,7 @@ def test_host_overhead_runs_every_request_to_its_length():
                               seed=3, max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256,
                               block_size=16, num_gpu_blocks=64, num_cpu_blocks=16, vocab_size=32000)
     run = host.run_once(args, None)
-    workload = host.make_workload(args)
+    workload = host.make_workload(args, args.vocab_size)
     assert run["generation_tokens"] == sum(n for _, n in workload)
     assert run["prompt_tokens"] >= sum(len(p) for p, _ in workload)  # recomputes count again
     assert run["steps"] > 0 and run["ms_per_step"] > 0
