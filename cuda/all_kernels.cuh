@@ -6,3 +6,4 @@
 #include "decode_tc.cuh"
 #include "prefill.cuh"
 #include "layer_ops.cuh"
+#include "gemv.cuh"

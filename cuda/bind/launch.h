@@ -60,6 +60,10 @@ void fused_add_rms_norm(int dtype, ptr out, ptr residual, ptr x, ptr weight, int
 // Rotate-half RoPE in place on the first num_heads heads of each row of x.
 void rotary(int dtype, ptr x, std::int64_t row_stride, ptr positions, ptr cos_table, ptr sin_table,
             int num_tokens, int num_heads, int head_size, int threads, ptr stream);
+// out[m, n] = x[m, :] . w[n, :] for m < M <= 8 (small-batch decode projections);
+// x [M, K], w [N, K], out [M, N], all contiguous, K a whole number of 16-byte vectors;
+// rows_per_warp 1 or 4 (the wrapper picks by N, see cuda/gemv.cuh).
+void gemv(int dtype, ptr out, ptr x, ptr w, int m, int n, int k, int rows_per_warp, ptr stream);
 // Index of the first of `count` pointers (a HOST int64 array) that the GPU
 // cannot address (pageable host memory), or -1 when all can.
 int first_unpinned(ptr ptrs, int count);

@@ -72,6 +72,10 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("num_heads"), py::arg("head_size"), py::arg("threads"), py::arg("stream"),
         "Rotate-half RoPE in place on the query and key heads.");
 
+  m.def("gemv", &gemv, py::arg("dtype"), py::arg("out"), py::arg("x"), py::arg("w"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("rows_per_warp"), py::arg("stream"),
+        "out[m, n] = x[m] . w[n] for up to 8 rows of x (streams w once).");
+
   m.def("first_unpinned", &first_unpinned, py::arg("ptrs"), py::arg("count"),
         "Index of the first host-array pointer the GPU cannot address, or -1.");
 }

@@ -106,3 +106,43 @@ def test_rotary_matches_a_rotation_in_float64(loader):
     a, b = x[0, 0, : d // 2], x[0, 0, d // 2:]
     want = torch.cat((a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()))
     assert rel_err(got[0, 0], want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 14336), (37, 72), (6, 8)])
+@pytest.mark.parametrize("rows_per_warp", [1, 4])
+def test_gemv_against_float64(loader, dtype, rows, n, k, rows_per_warp):
+    """Every (row, output) written (the output starts as NaN), odd N past the last warp's
+    rows, K of one vector to thousands, float32 accumulation (error of one rounding)."""
+    from pagedserve.ops._cuda_ops import DTYPE_CODES
+
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = rand(rows, k, dtype=dtype, gen=gen)
+    w = rand(n, k, dtype=dtype, gen=gen, scale=0.05)
+    xg, wg = x.cuda(), w.cuda()
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+    ops.get_loader().gemv(dtype=DTYPE_CODES[dtype], out=out.data_ptr(), x=xg.data_ptr(),
+                          w=wg.data_ptr(), m=rows, n=n, k=k, rows_per_warp=rows_per_warp,
+                          stream=torch.cuda.current_stream().cuda_stream)
+    want = x.double() @ w.double().T
+    assert not out.isnan().any()
+    assert rel_err(out, want) < TOL[dtype]
+
+
+def test_linear_dispatch():
+    """ops.linear takes the GEMV kernel for one or two contiguous 16-bit rows and torch's
+    matmul for anything else (more rows, fp32, a strided x); all equal F.linear, bias too."""
+    gen = torch.Generator().manual_seed(3)
+    w = rand(384, 256, dtype=torch.bfloat16, gen=gen, scale=0.05).cuda()
+    b = rand(384, dtype=torch.bfloat16, gen=gen).cuda()
+    for x in (rand(1, 256, dtype=torch.bfloat16, gen=gen).cuda(),
+              rand(2, 256, dtype=torch.bfloat16, gen=gen).cuda(),
+              rand(64, 256, dtype=torch.bfloat16, gen=gen).cuda(),
+              rand(4, 512, dtype=torch.bfloat16, gen=gen).cuda()[:, ::2]):
+        for bias in (None, b):
+            want = torch.nn.functional.linear(x.double(), w.double(),
+                                              None if bias is None else bias.double())
+            assert rel_err(ops.linear(x, w, bias), want.cpu()) < 1e-2
+    w32, x32 = w.float(), rand(2, 256, dtype=torch.float32, gen=gen).cuda()
+    assert rel_err(ops.linear(x32, w32), (x32.double() @ w32.double().T).cpu()) < 1e-5

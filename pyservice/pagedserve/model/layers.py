@@ -1,5 +1,5 @@
-"""Building blocks of the decoder over a flat batch of tokens: RMSNorm, rotary
-embedding, and the paged attention layer with its per-step metadata."""
+"""Building blocks of the decoder over a flat batch of tokens: Linear, RMSNorm,
+rotary embedding, and the paged attention layer with its per-step metadata."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ class AttentionMetadata:
     @property
     def num_decodes(self) -> int:
         return self.decode_context_lens.shape[0]
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `ops.linear`: a small decode step's projections stream their
+    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

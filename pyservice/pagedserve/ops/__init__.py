@@ -19,7 +19,8 @@ from .loaders import available_loaders, get_loader, set_loader
 
 __all__ = [
     "allocate_kv_cache", "write_kv", "decode_attention", "prefill_attention", "copy_blocks",
-    "swap_blocks", "silu_and_mul", "fused_add_rms_norm", "rotary_embedding", "set_loader",
+    "swap_blocks", "silu_and_mul", "fused_add_rms_norm", "rotary_embedding", "linear",
+    "set_loader",
     "get_loader", "available_loaders",
 ]
 
@@ -114,3 +115,11 @@ def rotary_embedding(x, positions, cos_table, sin_table) -> None:
     if x.is_cuda:
         return _cuda_layer().rotary_embedding(x, positions, cos_table, sin_table)
     return reference.rotary_embedding(x, positions, cos_table, sin_table)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias), torch's Linear. On CUDA a batch of a few rows in 16-bit
+    (a small decode step) runs a GEMV kernel that streams the weight once."""
+    if x.is_cuda:
+        return _cuda_layer().linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -8,10 +8,16 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._cuda_ops import DTYPE_CODES, _stream
+from ._cuda_ops import DTYPE_CODES, _num_sms, _stream
 from .loaders import get_loader
 
 _VEC_BYTES = 16
+# Rows of x up to which `linear` streams the weight through the GEMV kernel: at 1 and 2
+# it beat torch's (cuBLAS) on every Llama-3-8B projection in benchmarks/gemv.py on the
+# H100, at 4 it tied, at 8 cuBLAS won by ~15%.
+GEMV_MAX_ROWS = 2
+# Weight rows per warp: 4 when that still gives this many CTAs per SM, else 1.
+_GEMV_CTAS_PER_SM = 8
 
 
 def _vec(x: torch.Tensor) -> int:
@@ -81,3 +87,23 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.
                             positions=positions.data_ptr(), cos_table=cos_table.data_ptr(),
                             sin_table=sin_table.data_ptr(), num_tokens=n, num_heads=heads,
                             head_size=head_size, threads=_threads(vectors, 128), stream=_stream(x))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias). Up to GEMV_MAX_ROWS rows of 16-bit x go through the GEMV
+    kernel (the weight streamed once at the memory bandwidth); anything else is torch's."""
+    m, k = x.shape if x.dim() == 2 else (0, 0)
+    ok = (1 <= m <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+          and weight.dtype == x.dtype and weight.dim() == 2 and weight.shape[1] == k
+          and x.is_contiguous() and weight.is_contiguous() and weight.device == x.device
+          and _aligned(x, k) and _aligned(weight, k))
+    if not ok:
+        return torch.nn.functional.linear(x, weight, bias)
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        wide = -(-n // 16) >= _GEMV_CTAS_PER_SM * _num_sms(x.device.index or 0)
+        get_loader().gemv(dtype=DTYPE_CODES[x.dtype], out=out.data_ptr(), x=x.data_ptr(),
+                          w=weight.data_ptr(), m=m, n=n, k=k, rows_per_warp=4 if wide else 1,
+                          stream=_stream(x))
+    return out if bias is None else out.add_(bias)

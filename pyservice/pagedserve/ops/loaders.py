@@ -22,8 +22,10 @@ LOADERS = ("compiled", "cupy")
 _forced: str | None = None
 _instances: dict[str, object] = {}
 
-# Shapes shared with the kernels (PrefillShape in prefill.cuh, TcShape in decode_tc.cuh).
+# Shapes shared with the kernels (PrefillShape in prefill.cuh, TcShape in decode_tc.cuh,
+# GemvShape in gemv.cuh).
 PREFILL_ROWS, PREFILL_KC = 16, 32
+GEMV_THREADS, GEMV_MAX_M = 128, 8
 DECODE_THREADS, QPB_CHOICES = 128, (1, 2, 4, 8)
 # qpb value that selects the tensor-core decode kernel (fp16/bf16, up to 16 query heads per CTA)
 QPB_TC = 16
@@ -90,6 +92,7 @@ class CompiledLoader:
         self.silu_and_mul = _cuda.silu_and_mul
         self.fused_add_rms_norm = _cuda.fused_add_rms_norm
         self.rotary = _cuda.rotary
+        self.gemv = _cuda.gemv
 
 
 def kernel_source_dir() -> pathlib.Path:
@@ -107,7 +110,7 @@ def kernel_source() -> str:
     d = kernel_source_dir()
     parts = []
     for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "decode_tc.cuh", "prefill.cuh",
-                 "layer_ops.cuh"):
+                 "layer_ops.cuh", "gemv.cuh"):
         text = (d / name).read_text()
         parts.append(re.sub(r'^#include ".*"$', "", text, flags=re.M))
     return "\n".join(parts)
@@ -266,6 +269,20 @@ class CupyLoader:
                 i32(num_heads), i32(head_size))
         self._launch(self._layer_fn("rotary_kernel", dtype), (num_tokens, 1, 1), (threads, 1, 1),
                      args, stream)
+
+    def gemv(self, dtype, out, x, w, m, n, k, rows_per_warp, stream):
+        if m == 0 or n == 0:
+            return
+        if not 1 <= m <= GEMV_MAX_M:
+            raise ValueError(f"gemv takes 1 to {GEMV_MAX_M} rows, got {m}")
+        if rows_per_warp not in (1, 4):
+            raise ValueError(f"gemv rows_per_warp must be 1 or 4, got {rows_per_warp}")
+        names = [f"ps::gemv_kernel<{dtype},{i},{r}>" for i in range(1, GEMV_MAX_M + 1) for r in (1, 4)]
+        fn = self._module(("gemv", dtype), names).get_function(f"ps::gemv_kernel<{dtype},{m},{rows_per_warp}>")
+        u, i32 = np.uint64, np.int32
+        rows_per_cta = GEMV_THREADS // 32 * rows_per_warp
+        self._launch(fn, (-(-n // rows_per_cta), 1, 1), (GEMV_THREADS, 1, 1),
+                     (u(out), u(x), u(w), i32(n), i32(k)), stream)
 
     def first_unpinned(self, ptrs, count):
         rt = self._cp.cuda.runtime
