@@ -74,34 +74,44 @@ def copy_bandwidth(reps: int = 20, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * reps / (start.elapsed_time(end) / 1e3)
 
 
-def run_pagedserve(llm, workload, block_size: int) -> dict:
+def run_pagedserve(llm, workload, block_size: int, async_scheduling: bool = True) -> dict:
+    """The whole workload through the engine, every request added at t = 0. With
+    async_scheduling off the step-by-step split (runner vs the host's work outside
+    it) is measured too; with it on the two overlap, so only the totals mean much."""
     from pagedserve import SamplingParams
 
     engine, runner = llm.engine, llm.engine.runner
+    engine.config.async_scheduling = async_scheduling
     graphs = runner.graphs
     llm.generate([list(range(1000, 1100))] * 4, SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # warm-up
     steps = []  # prefill tokens, sequences, decodes, KV tokens, KV blocks, seconds, graphed
-    execute = runner.execute
+    launch, execute = runner.launch, runner.execute
 
-    def timed_execute(batch):
+    def recorded_launch(batch, previous=None):
         work = batch.work
         decodes = sum(1 for w in work if len(w.token_ids) == 1)
         replays = graphs.num_replays if graphs else 0
         start = time.perf_counter()
-        results = execute(batch)
-        seconds = time.perf_counter() - start
-        steps.append((sum(len(w.token_ids) for w in work) - decodes, len(work), decodes,
+        pending = launch(batch, previous)
+        steps.append([sum(len(w.token_ids) for w in work) - decodes, len(work), decodes,
                       sum(w.start_pos + len(w.token_ids) for w in work),
-                      sum(len(w.block_table) for w in work), seconds,
-                      bool(graphs and graphs.num_replays > replays)))
+                      sum(len(w.block_table) for w in work), time.perf_counter() - start,
+                      bool(graphs and graphs.num_replays > replays)])
+        return pending
+
+    def timed_execute(batch):  # synchronous engine: launch and wait, one step
+        start = time.perf_counter()
+        results = execute(batch)
+        if batch.work:
+            steps[-1][5] = time.perf_counter() - start
         return results
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
     for i, ((prompt, _), p) in enumerate(zip(workload, params)):
         engine.add_request(f"r{i}", prompt, p)
     before = engine.stats()
-    runner.execute = timed_execute
+    runner.launch, runner.execute = recorded_launch, timed_execute
     produced = 0
     start = time.perf_counter()
     try:
@@ -110,21 +120,19 @@ def run_pagedserve(llm, workload, block_size: int) -> dict:
                 if out.finished:
                     produced += len(out.outputs[0].token_ids)
     finally:
-        del runner.execute
+        del runner.launch, runner.execute
     seconds = time.perf_counter() - start
     stats = engine.stats()
     assert produced == sum(n for _, n in workload), "every request gets all its tokens"
     decode_only = [s for s in steps if s[0] == 0]
     mixed = [s for s in steps if s[0] > 0]
     busy = [s for s in steps if s[1] >= 8]  # utilisation of steps that hold a real batch
-    return {
+    out = {
+        "async_scheduling": async_scheduling,
         "seconds": seconds, "useful_tokens": produced, "tokens_per_s": produced / seconds,
         "steps": len(steps), "decode_only_steps": len(decode_only),
+        "steps_scheduled_ahead": stats["num_steps_scheduled_ahead"] - before["num_steps_scheduled_ahead"],
         "graphed_steps": sum(1 for s in steps if s[6]),
-        "seconds_in_decode_only_steps": sum(s[5] for s in decode_only),
-        "seconds_in_mixed_steps": sum(s[5] for s in mixed),
-        "seconds_outside_the_runner": seconds - sum(s[5] for s in steps),
-        "mean_decode_only_step_ms": 1e3 * sum(s[5] for s in decode_only) / max(len(decode_only), 1),
         "mean_decode_batch": sum(s[2] for s in decode_only) / max(len(decode_only), 1),
         "preemptions": stats["num_preemptions"] - before["num_preemptions"],
         "kv_utilization": sum(s[3] for s in busy) / max(sum(s[4] for s in busy) * block_size, 1),
@@ -134,6 +142,14 @@ def run_pagedserve(llm, workload, block_size: int) -> dict:
         "peak_running": max((s[1] for s in steps), default=0),
         "mean_running": sum(s[1] for s in busy) / max(len(busy), 1),
     }
+    if not async_scheduling:
+        out.update({
+            "seconds_in_decode_only_steps": sum(s[5] for s in decode_only),
+            "seconds_in_mixed_steps": sum(s[5] for s in mixed),
+            "seconds_outside_the_runner": seconds - sum(s[5] for s in steps),
+            "mean_decode_only_step_ms": 1e3 * sum(s[5] for s in decode_only) / max(len(decode_only), 1),
+        })
+    return out
 
 
 def _decode_work(sizes_ctx, block_size, params):
@@ -229,11 +245,12 @@ def weight_bytes_per_step(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
 
 
-def batch1(llm, context: int, new_tokens: int, copy_bw: float) -> dict:
+def batch1(llm, context: int, new_tokens: int, copy_bw: float, async_scheduling: bool = True) -> dict:
     """One request alone: the mean decode step through the whole engine."""
     from pagedserve import SamplingParams
 
     engine = llm.engine
+    engine.config.async_scheduling = async_scheduling
     rng = random.Random(1)
     engine.add_request("b1", [rng.randrange(1000, 100000) for _ in range(context)],
                        SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
@@ -247,7 +264,8 @@ def batch1(llm, context: int, new_tokens: int, copy_bw: float) -> dict:
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.runner.dtype.itemsize
     mean_ctx = context + new_tokens / 2
     nbytes = weight_bytes_per_step(engine.runner.model) + kv_per_token * mean_ctx
-    return {"context": context, "new_tokens": new_tokens, "step_ms": 1e3 * step,
+    return {"async_scheduling": async_scheduling, "context": context, "new_tokens": new_tokens,
+            "step_ms": 1e3 * step,
             "weight_bytes": weight_bytes_per_step(engine.runner.model),
             "kv_bytes_per_token": kv_per_token, "bytes_per_step": nbytes, "achieved_bytes_per_s": nbytes / step,
             "fraction_of_copy_bandwidth": nbytes / step / copy_bw}
@@ -391,7 +409,9 @@ def main() -> None:
         if runner.graphs is not None:
             res["cuda_graphs"] = {"graphs": runner.graphs.num_graphs,
                                   "capture_seconds": runner.graphs.capture_seconds}
-        ps = res["pagedserve"] = run_pagedserve(llm, workload, cfg.block_size)
+        ps = res["pagedserve"] = run_pagedserve(llm, workload, cfg.block_size, async_scheduling=True)
+        save()
+        res["pagedserve_sync"] = run_pagedserve(llm, workload, cfg.block_size, async_scheduling=False)
         from pagedserve.model import layers
 
         ps["flash_prefill"] = bool(runner.flash_prefill and layers._FLASH["ok"])
@@ -405,7 +425,8 @@ def main() -> None:
         except Exception as e:  # the profiler is a diagnosis, not a result
             res["kernel_profile"] = {"error": f"{type(e).__name__}: {e}"}
         save()
-        res["batch1"] = batch1(llm, args.profile_context, 256, copy_bw)
+        res["batch1_sync"] = batch1(llm, args.profile_context, 256, copy_bw, async_scheduling=False)
+        res["batch1"] = batch1(llm, args.profile_context, 256, copy_bw, async_scheduling=True)
         if "graph_gpu_ms" in res["decode_profile"].get(1, {}):
             b1 = res["batch1"]  # the same step as pure device time, at the profile's context
             nbytes = b1["weight_bytes"] + b1["kv_bytes_per_token"] * args.profile_context
@@ -431,10 +452,14 @@ def main() -> None:
     ps = res["pagedserve"]
     print(f"\n{report['environment']['gpu']}, torch {torch.__version__}, "
           f"copy {copy_bw / 1e12:.2f} TB/s; {report['workload']}")
+    sy = res["pagedserve_sync"]
     print(f"pagedserve: flash prefill {ps['flash_prefill']}, {ps['steps']} steps ({ps['decode_only_steps']} decode-only, "
-          f"{ps['graphed_steps']} graphed, {ps['mean_decode_only_step_ms']:.1f} ms each at mean batch "
-          f"{ps['mean_decode_batch']:.0f}); runner {ps['seconds_in_decode_only_steps']:.1f} s decode-only + "
-          f"{ps['seconds_in_mixed_steps']:.1f} s mixed, outside the runner {ps['seconds_outside_the_runner']:.1f} s")
+          f"{ps['steps_scheduled_ahead']} scheduled ahead, {ps['graphed_steps']} graphed, mean decode batch "
+          f"{ps['mean_decode_batch']:.0f})")
+    print(f"synchronous scheduling: {sy['tokens_per_s']:.0f} tok/s, {sy['steps']} steps, "
+          f"{sy['mean_decode_only_step_ms']:.1f} ms per decode-only step; runner "
+          f"{sy['seconds_in_decode_only_steps']:.1f} s decode-only + {sy['seconds_in_mixed_steps']:.1f} s mixed, "
+          f"outside the runner {sy['seconds_outside_the_runner']:.1f} s")
     print("decode step profile (ms) at context", args.profile_context)
     for b, row in res["decode_profile"].items():
         print(f"  batch {b:>4}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
@@ -443,7 +468,7 @@ def main() -> None:
             print(f"  {name} step device time {prof['device_ms']:.1f} ms; top: " + "; ".join(
                 f"{t['kernel'][:40]} {t['ms']:.2f}" for t in prof["top"][:5]))
     print(f"{'system':<24}{'requests':>9}{'seconds':>9}{'useful tok/s':>14}{'pagedserve x':>14}")
-    for name in ("pagedserve", "hf_static", "hf_cb"):
+    for name in ("pagedserve", "pagedserve_sync", "hf_static", "hf_cb"):
         r = res.get(name)
         if r is None or "error" in r:
             print(f"{name:<24}{'':>9}{'':>9}{'':>14}  {r['error'][:60] if r else 'skipped'}")
@@ -452,6 +477,8 @@ def main() -> None:
         print(f"{name:<24}{n:>9}{r['seconds']:>9.1f}{r['tokens_per_s']:>14.0f}"
               f"{ps['tokens_per_s'] / r['tokens_per_s']:>14.1f}")
     b1 = res["batch1"]
+    print(f"batch-1 decode, synchronous scheduling: {res['batch1_sync']['step_ms']:.2f} ms/step = "
+          f"{100 * res['batch1_sync']['fraction_of_copy_bandwidth']:.0f}% of copy")
     print(f"batch-1 decode: {b1['step_ms']:.2f} ms/step, {b1['achieved_bytes_per_s'] / 1e12:.2f} TB/s = "
           f"{100 * b1['fraction_of_copy_bandwidth']:.0f}% of copy"
           + (f" (graph device time alone: {100 * b1['graph_device_fraction']:.0f}%)"

@@ -303,6 +303,23 @@ std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs
   return copies;
 }
 
+void BlockManager::set_last_tokens(const std::vector<SeqId>& seqs, const std::vector<TokenId>& tokens) {
+  if (seqs.size() != tokens.size())
+    throw std::invalid_argument("seq_ids and token_ids must have the same length");
+  check_tokens(tokens);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& s = seq_or_throw(seqs[i]);
+    if (s.device != Device::kGpu || s.num_tokens == 0)
+      throw std::invalid_argument(seq_name(seqs[i]) + " has no reserved slot on the GPU");
+    const size_t index = static_cast<size_t>((s.num_tokens - 1) / block_size_);
+    Block& b = gpu_[s.table[index]];
+    if (index < s.num_sealed || b.content_id != 0 || b.ref_count > 1)
+      throw std::invalid_argument("the last slot of " + seq_name(seqs[i]) +
+                                  " is in a sealed or shared block; its token cannot change");
+    b.tokens[static_cast<size_t>((s.num_tokens - 1) % block_size_)] = tokens[i];
+  }
+}
+
 void BlockManager::mark_computed(const std::vector<SeqId>& seqs, const std::vector<int64_t>& num_computed) {
   if (seqs.size() != num_computed.size())
     throw std::invalid_argument("seq_ids and num_computed must have the same length");

@@ -90,6 +90,13 @@ class BlockManager {
   std::vector<BlockPair> append_slots(const std::vector<SeqId>& seqs,
                                       const std::vector<TokenId>& tokens);
 
+  // Replaces the token of each sequence's last reserved slot. The engine reserves the
+  // slot of a token it has not read back yet (it schedules the next decode while the
+  // GPU samples that token) with a placeholder, and names the token here once known,
+  // before mark_computed can seal its block into the prefix cache. Throws if that
+  // block is sealed or shared: its tokens are then no longer the sequence's alone.
+  void set_last_tokens(const std::vector<SeqId>& seqs, const std::vector<TokenId>& tokens);
+
   // The forward has written the KV of each sequence's first `num_computed` tokens.
   // Only now do its full blocks join the prefix cache: a slot is reserved before its
   // KV exists (a prompt chunk or a sampled token runs in a later step), and a hit must

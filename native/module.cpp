@@ -67,6 +67,11 @@ PYBIND11_MODULE(_native, m) {
              return bm.append_slots(seqs, to_token_ids(ids));
            },
            py::arg("seq_ids"), py::arg("token_ids"))
+      .def("set_last_tokens",
+           [](BlockManager& bm, const std::vector<SeqId>& seqs, const std::vector<int64_t>& ids) {
+             bm.set_last_tokens(seqs, to_token_ids(ids));
+           },
+           py::arg("seq_ids"), py::arg("token_ids"))
       .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_ids"), py::arg("num_computed"))
       .def("fork", &BlockManager::fork, py::arg("parent_seq_id"), py::arg("child_seq_id"))
       .def("free", &BlockManager::free, py::arg("seq_id"))

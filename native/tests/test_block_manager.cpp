@@ -243,6 +243,25 @@ void watermark_keeps_headroom_for_running_sequences() {
 
 }  // namespace
 
+void a_placeholder_token_is_named_before_its_block_is_cached() {
+  // Block size 2, prefix caching on: seq 1 holds [10, 11] [12, ?] after reserving the
+  // slot of a token not sampled yet (placeholder 0), which turns out to be 13.
+  BlockManager bm(8, 0, 2, true, 0.0);
+  bm.allocate(1, {10, 11, 12});
+  bm.append_slots({1}, {0});
+  bm.set_last_tokens({1}, {13});
+  bm.mark_computed({1}, {4});  // the block [12, 13] is sealed with the real token
+  EXPECT_EQ(bm.allocate(2, {10, 11, 12, 13, 14}), 4);  // both blocks served
+  EXPECT_EQ(bm.allocate(3, {10, 11, 12, 0, 14}), 2);   // the placeholder never was cached
+  bool threw = false;
+  try {
+    bm.set_last_tokens({1}, {14});  // sealed now: the cached content must not change
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  EXPECT_EQ(threw, true);
+}
+
 int main() {
   const std::vector<std::pair<const char*, std::function<void()>>> tests = {
       {"blocks_are_taken_only_when_needed", blocks_are_taken_only_when_needed},
@@ -255,6 +274,8 @@ int main() {
       {"swap_moves_shared_blocks_once", swap_moves_shared_blocks_once},
       {"swap_in_reuses_content_still_cached_on_the_gpu", swap_in_reuses_content_still_cached_on_the_gpu},
       {"misuse_raises_clear_errors", misuse_raises_clear_errors},
+      {"a_placeholder_token_is_named_before_its_block_is_cached",
+       a_placeholder_token_is_named_before_its_block_is_cached},
       {"watermark_keeps_headroom_for_running_sequences", watermark_keeps_headroom_for_running_sequences},
   };
   int passed = 0, failed = 0;

@@ -23,6 +23,9 @@ class BlockManager:
         """Reserves the slot of one new token; returns a (src, dst) copy-on-write pair."""
     def append_slots(self, seq_ids: list[int], token_ids: list[int]) -> list[tuple[int, int]]:
         """One decode step for many sequences, all or nothing; the copy-on-write pairs."""
+    def set_last_tokens(self, seq_ids: list[int], token_ids: list[int]) -> None:
+        """Names the token of each sequence's last reserved slot (reserved with a
+        placeholder before the token was sampled); its block must be unsealed, unshared."""
     def mark_computed(self, seq_ids: list[int], num_computed: list[int]) -> None:
         """The forward wrote the KV of each sequence's first num_computed tokens; their
         full blocks join the prefix cache only now."""

@@ -40,6 +40,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds dummy weights and unseeded sampling
     load_format: str = "auto"  # auto | dummy (random weights of the config's shape)
+    # Schedule step N+1 while step N runs on the device (None = on with CUDA, where it
+    # hides the host's work behind the GPU's; a CPU forward leaves nothing to hide).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -72,6 +75,10 @@ class EngineConfig:
             raise ValueError(
                 f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         self._check_int("seed", None)
+        if self.async_scheduling is None:
+            self.async_scheduling = self.on_gpu
+        elif not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
                              f"got {self.load_format!r}")

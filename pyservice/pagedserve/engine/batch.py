@@ -39,6 +39,10 @@ class ScheduledBatch:
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu), before the forward
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu), before the forward
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) GPU blocks
+    # Scheduled ahead (Scheduler.schedule_ahead): (index in work, index in the previous
+    # step's work) of each decode whose token that step is still sampling on the GPU;
+    # the runner feeds it from there (token_ids holds a placeholder).
+    feed_from_previous: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -190,6 +190,10 @@ class DecodeGraphs:
         self._uploaded.record()
         return b, width
 
+    def input_ids(self, key: tuple[int, int]) -> torch.Tensor:
+        """The device input-id buffer the graph of `key` reads (after stage())."""
+        return self._d64[0, :key[0]]
+
     def replay(self, key: tuple[int, int], n: int) -> torch.Tensor:
         graph, hidden = self._graphs[key]
         graph.replay()

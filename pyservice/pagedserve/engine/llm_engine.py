@@ -59,6 +59,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, preemption_mode=config.preemption_mode,
             eos_token_ids=self.eos_token_ids)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        # A step scheduled ahead and queued on the device, not yet read back.
+        self._inflight: tuple[Any, Any] | None = None
         _freeze_startup_heap(self)
         log.info("engine ready: %s, %d KV blocks (+%d swap), max_model_len %d",
                  self.model_name, num_gpu_blocks, self.runner.num_cpu_blocks,
@@ -125,16 +127,40 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.work and not (batch.swap_out or batch.swap_in or batch.copies):
+        """Runs one step and returns the outputs of the requests it advanced.
+
+        With async_scheduling, the step after this one is scheduled and queued on the
+        device before this one's tokens are read back (when the scheduler can tell
+        what it holds without them: Scheduler.schedule_ahead), so the host's
+        bookkeeping below runs while the GPU computes, and the next call finds its
+        step already running."""
+        if self.config.async_scheduling:
+            batch, results = self._run_async()
+        else:
+            batch = self.scheduler.schedule()
+            results = self.runner.execute(batch) if _has_work(batch) else None
+        if results is None:
             return []
-        results = self.runner.execute(batch)
         progressed: dict[str, SequenceGroup] = {}
         for seq, group in self.scheduler.update(batch, results):
             if group.beam is None:  # beam search stops by its own rules
                 self._check_stop(seq, group)
             progressed[group.request_id] = group
         return [self._output(group) for group in progressed.values()]
+
+    def _run_async(self) -> tuple[Any, list | None]:
+        """This step's batch and results, the next step queued before they are read."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            batch = self.scheduler.schedule()
+            if not _has_work(batch):
+                return batch, None
+            inflight = (batch, self.runner.launch(batch))
+        batch, pending = inflight
+        ahead = self.scheduler.schedule_ahead(batch)
+        if ahead is not None:
+            self._inflight = (ahead, self.runner.launch(ahead, previous=pending))
+        return batch, pending.results()
 
     def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
         params = seq.params
@@ -248,7 +274,12 @@ class LLMEngine:
             "prompt_tokens": s.num_prompt_tokens,
             "generation_tokens": s.num_generation_tokens,
             "num_steps": s.num_steps,
+            "num_steps_scheduled_ahead": s.num_steps_ahead,
         }
+
+
+def _has_work(batch: Any) -> bool:
+    return bool(batch.work or batch.swap_out or batch.swap_in or batch.copies)
 
 
 def _freeze_startup_heap(engine: LLMEngine) -> None:

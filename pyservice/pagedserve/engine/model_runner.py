@@ -21,7 +21,7 @@ from pagedserve import ops
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
 from pagedserve.engine.cuda_graphs import DecodeGraphs
-from pagedserve.engine.sampler import Sampler
+from pagedserve.engine.sampler import PendingSamples, Sampler
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers import AttentionMetadata
 from pagedserve.model.loader import (ModelSource, load_model, load_model_config,
@@ -41,6 +41,41 @@ class StepInputs:
     order: list[int]  # packed sequence i is batch.work[order[i]]
     logit_rows: torch.Tensor  # rows of the hidden states that sample
     sample_works: list[int]  # indices into batch.work, aligned with logit_rows
+
+
+class PendingStep:
+    """A launched step: its sampled tokens, read back by results() (which waits for the
+    device once). `samples` is None when no row samples or when the results were
+    computed on the host already (beam search)."""
+
+    def __init__(self, work: list[SeqWork], sample_works: list[int], samples: PendingSamples | None,
+                 ready: list[SampleResult] | None = None):
+        self.num_work = len(work)
+        self.sample_works = sample_works
+        self.samples = samples
+        self.row_of = {w: r for r, w in enumerate(sample_works)}  # work index -> sampled row
+        self._ready = ready
+
+    def results(self) -> list[SampleResult | None]:
+        """One entry per work item: its SampleResult, or None if it did not sample."""
+        sampled = self._ready if self.samples is None else self.samples.results()
+        out: list[SampleResult | None] = [None] * self.num_work
+        for i, r in zip(self.sample_works, sampled or []):
+            out[i] = r
+        return out
+
+
+def _feed_tokens(ids: torch.Tensor, rows: list[int], tokens: torch.Tensor, src: list[int]) -> None:
+    """ids[rows] = tokens[src] on the device (the step before sampled them and the
+    host has not read them yet)."""
+    n = len(rows)
+    if rows == list(range(rows[0], rows[0] + n)) and src == list(range(src[0], src[0] + n)):
+        ids[rows[0]:rows[0] + n].copy_(tokens[src[0]:src[0] + n])  # the usual case: in order
+        return
+    index = torch.tensor([rows, src], dtype=torch.int64)
+    if ids.is_cuda:
+        index = index.pin_memory().to(ids.device, non_blocking=True)
+    ids.index_copy_(0, index[0], tokens.index_select(0, index[1]))
 
 
 class ModelRunner:
@@ -192,24 +227,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        self._cache_ops(batch)
-        if not batch.work:
-            return []
-        logits, sample_works = self.forward_logits(batch.work)
-        results: list[SampleResult | None] = [None] * len(batch.work)
-        if sample_works:
-            sampled = self.sampler(logits, [batch.work[i] for i in sample_works])
-            for i, r in zip(sample_works, sampled):
-                results[i] = r
-        return results
+        return self.launch(batch).results()
 
     @torch.inference_mode()
-    def forward_logits(self, work: list[SeqWork]) -> tuple[torch.Tensor | None, list[int]]:
+    def launch(self, batch: ScheduledBatch, previous: PendingStep | None = None) -> PendingStep:
+        """Queues the step on the device and returns without waiting for its tokens
+        (PendingStep.results() waits), so the host can schedule the next step meanwhile.
+        `previous`: the step before, still in flight, whose sampled tokens this batch's
+        `feed_from_previous` decodes take as input, on the device."""
+        self._cache_ops(batch)
+        if not batch.work:
+            return PendingStep([], [], None)
+        feed = None
+        if batch.feed_from_previous:
+            if previous is None or previous.samples is None:
+                raise ValueError("feed_from_previous needs the previous step's PendingStep")
+            feed = ([i for i, _ in batch.feed_from_previous],
+                    [previous.row_of[j] for _, j in batch.feed_from_previous],
+                    previous.samples.tokens)
+        logits, sample_works = self.forward_logits(batch.work, feed)
+        if not sample_works:
+            return PendingStep(batch.work, [], None)
+        works = [batch.work[i] for i in sample_works]
+        if any(w.params.beam_width > 1 for w in works):  # beam search ranks on the host
+            return PendingStep(batch.work, sample_works, None, self.sampler(logits, works))
+        return PendingStep(batch.work, sample_works, self.sampler.sample(logits, works))
+
+    @torch.inference_mode()
+    def forward_logits(self, work: list[SeqWork], feed=None) -> tuple[torch.Tensor | None, list[int]]:
         """The forward of one step: float32 logits of the sequences that sample, and
         their indices into `work` (logits None when none samples). A decode-only step
-        replays a CUDA graph when one fits; anything else runs eagerly."""
-        hidden = self.graphs.run(work) if self.graphs is not None else None
-        if hidden is not None:  # rows in work order
+        replays a CUDA graph when one fits; anything else runs eagerly. `feed`: (rows of
+        work, rows of `tokens`, tokens) whose input token is read from `tokens` on the
+        device instead of from token_ids."""
+        key = self.graphs.stage(work) if self.graphs is not None else None
+        if key is not None:  # rows in work order
+            if feed is not None:
+                _feed_tokens(self.graphs.input_ids(key), feed[0], feed[2], feed[1])
+            hidden = self.graphs.replay(key, len(work))
             sample_works = [i for i, w in enumerate(work) if w.sample]
             if not sample_works:
                 return None, []
@@ -218,6 +273,9 @@ class ModelRunner:
                 hidden = hidden[rows.to(self.device, non_blocking=True)]
             return self.model.compute_logits(hidden), sample_works
         inputs = self.prepare_inputs(work)
+        if feed is not None:
+            packed_row = {i: r for r, i in enumerate(inputs.order)}
+            _feed_tokens(inputs.input_ids, [packed_row[i] for i in feed[0]], feed[2], feed[1])
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
         if not inputs.sample_works:
             return None, []

@@ -51,11 +51,11 @@ class Sampler:
         assert logits.shape[0] == len(works), "one row of logits per sampling sequence"
         beams = [i for i, w in enumerate(works) if w.params.beam_width > 1]
         if not beams:
-            return self._sample(logits, works)
+            return self.sample(logits, works).results()
         out: list[SampleResult] = [None] * len(works)  # type: ignore[list-item]
         rest = [i for i, w in enumerate(works) if w.params.beam_width == 1]
         if rest:
-            for i, r in zip(rest, self._sample(logits[rest], [works[i] for i in rest])):
+            for i, r in zip(rest, self.sample(logits[rest], [works[i] for i in rest]).results()):
                 out[i] = r
         for i, r in zip(beams, self.beam_candidates(logits[beams], [works[i] for i in beams])):
             out[i] = r
@@ -77,7 +77,11 @@ class Sampler:
             out.append(SampleResult(cands[0][0], cands[0][1], beam_candidates=cands))
         return out
 
-    def _sample(self, logits: torch.Tensor, works: list[SeqWork]) -> list[SampleResult]:
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, works: list[SeqWork]) -> "PendingSamples":
+        """Samples the rows (no beam search) on the device without waiting for them:
+        the tokens go to the host behind the work already queued, and results()
+        waits for them. Meanwhile `tokens` can feed a step queued after this one."""
         raw = logits
         lse = torch.logsumexp(raw, dim=-1)
         logits = self.apply_penalties(raw, works)
@@ -87,17 +91,14 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._draw(logits, works, temps)
-        chosen = (raw.gather(1, tokens[:, None]).squeeze(1) - lse).tolist()
-        top = self._top_logprobs(raw, lse, works)
-        token_list = tokens.tolist()
-        out = []
-        for i, w in enumerate(works):
-            top_i = None
-            if w.params.logprobs is not None:
-                top_i = top[i]
-                top_i[token_list[i]] = chosen[i]
-            out.append(SampleResult(token_list[i], chosen[i], top_i))
-        return out
+        chosen = raw.gather(1, tokens[:, None]).squeeze(1) - lse
+        ks = [w.params.logprobs for w in works]
+        kmax = max((k for k in ks if k is not None), default=0)
+        top = None
+        if kmax > 0:
+            vals, ids = raw.topk(kmax, dim=-1)
+            top = (vals - lse[:, None], ids)
+        return PendingSamples(ks, tokens, chosen, top)
 
     def apply_penalties(self, logits: torch.Tensor, works: list[SeqWork]) -> torch.Tensor:
         rows = [i for i, w in enumerate(works)
@@ -140,7 +141,7 @@ class Sampler:
         vocab = logits.shape[1]
         rows, cols = [], []
         for i, w in enumerate(works):
-            if len(w.output_token_ids) >= w.params.min_tokens:
+            if w.sample_index >= w.params.min_tokens:  # outputs before this token
                 continue
             banned = set(w.params.stop_token_ids)
             if not w.params.ignore_eos:
@@ -209,15 +210,46 @@ class Sampler:
         # Exp(1) draws are positive in theory; guard the division against a rounded zero.
         return noise.clamp_min_(1e-20)
 
-    def _top_logprobs(self, raw: torch.Tensor, lse: torch.Tensor,
-                      works: list[SeqWork]) -> list[dict[int, float] | None]:
-        ks = [w.params.logprobs for w in works]
-        if all(k is None for k in ks):
-            return [None] * len(works)
-        kmax = max(k for k in ks if k is not None)
-        if kmax == 0:
-            return [{} if k is not None else None for k in ks]
-        vals, ids = raw.topk(kmax, dim=-1)
-        vals = (vals - lse[:, None]).tolist()
-        ids = ids.tolist()
-        return [None if k is None else dict(zip(ids[i][:k], vals[i][:k])) for i, k in enumerate(ks)]
+
+class PendingSamples:
+    """One step's sampled tokens (and logprobs) on their way to the host. On CUDA the
+    copies into pinned memory are queued behind the step and an event marks their end,
+    so the host can queue the next step before it waits here."""
+
+    def __init__(self, logprobs_k: list[int | None], tokens: torch.Tensor, chosen: torch.Tensor,
+                 top: tuple[torch.Tensor, torch.Tensor] | None):
+        self.tokens = tokens  # int64 [rows] on the device
+        self._k = logprobs_k
+        parts = [tokens, chosen] + (list(top) if top is not None else [])
+        self._event = None
+        if tokens.is_cuda:
+            parts = [self._to_host(t) for t in parts]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._parts = parts
+        self._results: list[SampleResult] | None = None
+
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def results(self) -> list[SampleResult]:
+        """Waits for the tokens (once) and returns one SampleResult per row."""
+        if self._results is None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens, chosen = self._parts[0].tolist(), self._parts[1].tolist()
+            top_vals = self._parts[2].tolist() if len(self._parts) > 2 else None
+            top_ids = self._parts[3].tolist() if len(self._parts) > 2 else None
+            out = []
+            for i, k in enumerate(self._k):
+                top_i = None
+                if k is not None:
+                    top_i = dict(zip(top_ids[i][:k], top_vals[i][:k])) if k > 0 else {}
+                    top_i[tokens[i]] = chosen[i]
+                out.append(SampleResult(tokens[i], chosen[i], top_i))
+            self._results = out
+            self._parts = []
+        return self._results

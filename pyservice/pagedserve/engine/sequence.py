@@ -49,6 +49,9 @@ class Sequence:
         self.num_computed_tokens = 0
         # Tokens the block manager holds slots for (mirrors BlockManager.num_tokens).
         self.num_slots = 0
+        # The last slot was reserved, with a placeholder token, for a token the GPU is
+        # still sampling (a step scheduled ahead feeds it); update() names it.
+        self.placeholder_slot = False
         # BlockManager.block_table as last read, so a step need not read it again (a
         # new list of ints); the scheduler clears it on every call that may change it.
         self.cached_block_table: list[int] | None = None
@@ -98,6 +101,7 @@ class Sequence:
         of the next prefill; the tokens themselves never change."""
         self.num_computed_tokens = 0
         self.num_slots = 0
+        self.placeholder_slot = False
         self.cached_block_table = None
         self.status = Status.WAITING
         self.beam_candidates = None  # its prefill will offer them again
