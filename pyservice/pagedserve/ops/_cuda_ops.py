@@ -270,7 +270,7 @@ def _block_bytes(cache: torch.Tensor) -> int:
 def _host_pairs(block_mapping) -> np.ndarray:
     """[n, 2] int64 (src, dst) block ids on the host (a CUDA tensor is copied back)."""
     if isinstance(block_mapping, torch.Tensor):
-        block_mapping = block_mapping.detach().cpu()
+        block_mapping = block_mapping.detach().cpu().numpy()  # .numpy(): no __array__ detour
     m = np.asarray(block_mapping, dtype=np.int64)
     _require(m.size % 2 == 0 and (m.ndim == 1 or m.ndim == 2 and m.shape[1] == 2),
              f"block_mapping must be [n, 2] (src, dst) block ids, got shape {m.shape}")
@@ -278,32 +278,78 @@ def _host_pairs(block_mapping) -> np.ndarray:
 
 
 def _check_ids(m: np.ndarray, num_src: int, num_dst: int) -> None:
+    # Whole-array and per-column reductions: numpy's axis=0 reduction over [n, 2] costs
+    # ~8x more, and this runs on every swap.
+    lo, hi_src, hi_dst = m.min(), m[:, 0].max(), m[:, 1].max()
+    if lo >= 0 and hi_src < num_src and hi_dst < num_dst:
+        return
     lo, hi = m.min(0), m.max(0)
-    _require(lo.min() >= 0 and hi[0] < num_src and hi[1] < num_dst,
-             f"block_mapping ids out of range: src must be in [0, {num_src}), dst in [0, {num_dst}), "
-             f"got src [{lo[0]}, {hi[0]}], dst [{lo[1]}, {hi[1]}]")
+    raise ValueError(f"block_mapping ids out of range: src must be in [0, {num_src}), dst in "
+                     f"[0, {num_dst}), got src [{lo[0]}, {hi[0]}], dst [{lo[1]}, {hi[1]}]")
+
+
+class _TableStaging:
+    """Grow-only pinned and device buffers of one device for the tables a copy launch
+    reads (tensor pointers and block pairs), reused call after call: a fresh pinned
+    buffer, a device tensor and their bookkeeping cost ~100 us of host time per call,
+    as much as a 4 MiB transfer takes on PCIe. Before the pinned side is rewritten,
+    an event confirms the last upload has left it; the device side is rewritten by an
+    upload queued on the same stream after the last launch that read it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.int64)
+        self.dev = torch.empty(0, dtype=torch.int64, device=device)
+        self.uploaded = torch.cuda.Event()
+        self.stream: int | None = None
+
+    def upload(self, parts: list, size: int, stream: int) -> int:
+        """Writes the parts (int64 sequences, in order) and returns the device address."""
+        self.uploaded.synchronize()
+        if size > self.host.numel():
+            cap = max(size, 2 * self.host.numel(), 1024)
+            self.host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
+            self.dev = torch.empty(cap, dtype=torch.int64, device=self.device)
+        h, at = self.host.numpy(), 0
+        for part in parts:
+            h[at:at + len(part)] = part
+            at += len(part)
+        self.dev[:size].copy_(self.host[:size], non_blocking=True)
+        self.uploaded.record()
+        return self.dev.data_ptr()
+
+
+_STAGING: dict[int, _TableStaging] = {}
 
 
 def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], m: np.ndarray, block_bytes: int,
                  stream: int | None = None):
     """One copy_blocks_kernel launch over every tensor pair; the pointer tables and
-    the pairs go up as one pinned buffer in one non-blocking copy (the pinned
-    block is not reused before that copy has run: torch's host allocator records it)."""
+    the pairs go up as one pinned buffer in one non-blocking copy: the device's
+    reused staging buffers on torch's current stream (the engine's case), a fresh
+    pair otherwise (a side stream, or a CUDA graph being captured, which keeps the
+    buffers it was given)."""
     nt, n = len(src_ptrs), m.shape[0]
-    host = torch.empty(2 * nt + 2 * n, dtype=torch.int64, pin_memory=True)
-    h = host.numpy()
-    h[:nt] = src_ptrs
-    h[nt:2 * nt] = dst_ptrs
-    h[2 * nt:] = m.reshape(-1)
+    size = 2 * nt + 2 * n
     with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
         if stream is None:
-            stream = torch.cuda.current_stream(device).cuda_stream
-        table = torch.empty(host.shape, dtype=torch.int64, device=device)
-        table.copy_(host, non_blocking=True)
+            stream = current.cuda_stream
+        if stream == current.cuda_stream and not torch.cuda.is_current_stream_capturing():
+            staging = _STAGING.get(device.index)
+            if staging is None:
+                staging = _STAGING[device.index] = _TableStaging(device)
+            table = staging.upload([src_ptrs, dst_ptrs, m.reshape(-1)], size, stream)
+        else:
+            host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            h = host.numpy()
+            h[:nt], h[nt:2 * nt], h[2 * nt:] = src_ptrs, dst_ptrs, m.reshape(-1)
+            dev = torch.empty(size, dtype=torch.int64, device=device)
+            dev.copy_(host, non_blocking=True)
+            table = dev.data_ptr()
         get_loader().copy_blocks(
-            src_ptrs=table.data_ptr(), dst_ptrs=table.data_ptr() + 8 * nt,
-            mapping=table.data_ptr() + 16 * nt, num_pairs=n, num_tensors=nt,
-            block_bytes=block_bytes, stream=stream)
+            src_ptrs=table, dst_ptrs=table + 8 * nt, mapping=table + 16 * nt, num_pairs=n,
+            num_tensors=nt, block_bytes=block_bytes, stream=stream)
 
 
 def copy_blocks(key_caches, value_caches, block_mapping):
@@ -422,11 +468,11 @@ def swap_blocks(src, dst, block_mapping, method: str | None = None):
     elif method == "kernel":
         _require(info.unpinned is None,
                  f"swap kernel needs the CPU caches in pinned memory; {info.unpinned} is pageable")
+    if method == "kernel":
+        _launch_copy(info.gpu_dev, info.src_ptrs, info.dst_ptrs, m, bb)
+        return
     with torch.cuda.device(info.gpu_dev):
         stream = torch.cuda.current_stream(info.gpu_dev).cuda_stream
-        if method == "kernel":
-            _launch_copy(info.gpu_dev, info.src_ptrs, info.dst_ptrs, m, bb, stream)
-            return
         runs = _runs(m) if runs is None else runs
         ptrs = np.array(info.src_ptrs + info.dst_ptrs, dtype=np.int64)
         get_loader().memcpy_block_runs(ptrs=ptrs.ctypes.data, runs=runs.ctypes.data,
