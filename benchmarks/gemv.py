@@ -1,5 +1,6 @@
-"""Small-batch decode projections on the GPU: the GEMV kernel (`ops.linear`) against
-torch's `F.linear` (cuBLAS) on the same weights, in the same run.
+"""Small-batch decode projections on the GPU: the GEMV kernel against torch's
+`F.linear` (cuBLAS) on the same weights, in the same run (`ops.linear` takes the
+kernel up to `GEMV_MAX_ROWS` rows, cuBLAS above).
 
 Llama-3.1-8B's projections in bf16 (QKV, O, gate/up, down, the output head) at 1 to 8
 rows of x. Each figure is device time from a CUDA graph of back-to-back calls that
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from kernels import bench, environment  # benchmarks/kernels.py
 
-from pagedserve import ops
+from pagedserve.ops import _cuda_layer_ops
 
 SHAPES = {  # name: (N out features, K in features)
     "qkv": (6144, 4096),
@@ -45,10 +46,10 @@ def case(name: str, n: int, k: int, m: int, iters: int) -> dict:
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = (x.double() @ ws[0].double().T)
-    got = ops.linear(x, ws[0]).double()
+    got = _cuda_layer_ops.gemv(x, ws[0]).double()
     lib = F.linear(x, ws[0]).double()
     scale = ref.abs().max().item()
-    t_gemv = bench(lambda: [ops.linear(x, w) for w in ws], iters, calls=1) / copies
+    t_gemv = bench(lambda: [_cuda_layer_ops.gemv(x, w) for w in ws], iters, calls=1) / copies
     t_torch = bench(lambda: [F.linear(x, w) for w in ws], iters, calls=1) / copies
     return {"name": name, "n": n, "k": k, "rows": m, "weight_bytes": wbytes,
             "gemv_s": t_gemv, "gemv_Bps": wbytes / t_gemv,
@@ -59,7 +60,7 @@ def case(name: str, n: int, k: int, m: int, iters: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--rows", default="1,2,4,8")  # rows of x (sequences in the step)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()

@@ -99,6 +99,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
           and _aligned(x, k) and _aligned(weight, k))
     if not ok:
         return torch.nn.functional.linear(x, weight, bias)
+    out = gemv(x, weight)
+    return out if bias is None else out.add_(bias)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through the GEMV kernel, for 1 to 8 rows of x (contiguous, 16-bit,
+    rows of whole 16-byte vectors: `linear` checks)."""
+    m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
@@ -106,4 +114,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         get_loader().gemv(dtype=DTYPE_CODES[x.dtype], out=out.data_ptr(), x=x.data_ptr(),
                           w=weight.data_ptr(), m=m, n=n, k=k, rows_per_warp=4 if wide else 1,
                           stream=_stream(x))
-    return out if bias is None else out.add_(bias)
+    return out
