@@ -51,10 +51,11 @@ def batch_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forwards of `model` for every bucket up to `max_batch`.
 
-    `run(work)` returns the hidden states [len(work), hidden] of a decode-only batch
-    through a graph, or None when the batch is not one (a prompt chunk, too many
-    sequences, a bad table): the caller then runs it eagerly, which also raises the
-    usual errors for bad input.
+    `stage(work)` uploads a decode-only batch's inputs and names the graph to run, or
+    returns None when the batch is not one (a prompt chunk, too many sequences, a bad
+    table): the caller then runs it eagerly, which also raises the usual errors for
+    bad input. `replay(key, n)` runs it and returns the hidden states [n, hidden]; in
+    between, the caller may overwrite input ids on the device (`input_ids(key)`).
     """
 
     def __init__(self, model, *, max_batch: int, max_model_len: int, block_size: int,
@@ -199,8 +200,3 @@ class DecodeGraphs:
         graph.replay()
         self.num_replays += 1
         return hidden[:n]
-
-    def run(self, work: list[SeqWork]) -> torch.Tensor | None:
-        key = self.stage(work)
-        return None if key is None else self.replay(key, len(work))
-
