@@ -49,3 +49,23 @@ def test_preemption_on_gpu_changes_no_token(model_dir, unconstrained, mode):
     assert tokens == unconstrained
     assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
     assert torch.cuda.is_available()
+
+
+def test_async_scheduling_changes_no_token(model_dir, unconstrained):
+    """Steps scheduled ahead take their input tokens from the previous step on the
+    device (through the CUDA graphs' input buffer): the tokens equal a synchronous run's,
+    also when requests end early on a stop token (their step ahead is wasted)."""
+    tokens, stats = run(model_dir, num_kv_blocks=1024, async_scheduling=False)
+    assert stats["num_steps_scheduled_ahead"] == 0
+    assert tokens == unconstrained
+    stops = [SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[t[5 + i % 7]])
+             for i, t in enumerate(unconstrained)]
+    outs = {}
+    for ahead in (False, True):
+        llm = LLM(model=model_dir, load_format="dummy", device="cuda", dtype="float32", seed=0,
+                  num_kv_blocks=1024, async_scheduling=ahead)
+        outs[ahead] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, stops, use_tqdm=False)]
+        if ahead:
+            assert llm.engine.stats()["num_steps_scheduled_ahead"] > 0
+    assert outs[True] == outs[False]
+    assert any(len(t) < 48 for t in outs[True])
