@@ -3,6 +3,10 @@
 #include "../prefill.cuh"
 #include "launch_util.cuh"
 
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
 namespace pscuda {
 
 template <int DT> void decode_dtype(const DecodeArgs &a);
@@ -92,6 +96,70 @@ void memcpy_block_runs(ptr ptrs, ptr runs, int num_runs, int num_tensors, std::i
         throw std::runtime_error(std::string("swap cudaMemcpyAsync: ") + cudaGetErrorString(err));
     }
   }
+}
+
+namespace {
+// The reused buffers of copy_blocks_from_host, one set per device: a pinned host
+// table, its device copy, and events marking when the last upload has left the host
+// side and when the last kernel has read the device side.
+struct TableStaging {
+  std::int64_t *host = nullptr, *dev = nullptr;
+  std::size_t capacity = 0;  // int64 elements
+  cudaEvent_t uploaded = nullptr, used = nullptr;
+  cudaStream_t last_stream = nullptr;
+};
+
+void check(cudaError_t err, const char *what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+TableStaging &staging_for(int device, std::size_t need) {
+  static std::vector<TableStaging> all;
+  if (all.size() <= static_cast<std::size_t>(device)) all.resize(device + 1);
+  TableStaging &s = all[device];
+  if (s.uploaded == nullptr) {
+    check(cudaEventCreateWithFlags(&s.uploaded, cudaEventDisableTiming), "cudaEventCreate");
+    check(cudaEventCreateWithFlags(&s.used, cudaEventDisableTiming), "cudaEventCreate");
+  }
+  if (need > s.capacity) {  // grow-only, doubling: rare, and only then synchronous
+    check(cudaEventSynchronize(s.used), "cudaEventSynchronize");
+    if (s.host != nullptr) check(cudaFreeHost(s.host), "cudaFreeHost");
+    if (s.dev != nullptr) check(cudaFree(s.dev), "cudaFree");
+    s.capacity = std::max(need, std::max<std::size_t>(2 * s.capacity, 4096));
+    check(cudaMallocHost(reinterpret_cast<void **>(&s.host), s.capacity * 8), "cudaMallocHost");
+    check(cudaMalloc(reinterpret_cast<void **>(&s.dev), s.capacity * 8), "cudaMalloc");
+  }
+  return s;
+}
+}  // namespace
+
+bool copy_blocks_from_host(int device, ptr src_ptrs, ptr dst_ptrs, ptr pairs, int num_pairs,
+                           int num_tensors, std::int64_t block_bytes, ptr stream) {
+  if (num_pairs == 0 || num_tensors == 0) return true;
+  if (block_bytes % 16) unsupported("block_bytes (must be a multiple of 16)", (int)block_bytes);
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(st, &capturing), "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone) return false;  // a graph would keep reading the buffer
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  const std::size_t nt = num_tensors, n = num_pairs, need = 2 * nt + 2 * n;
+  TableStaging &s = staging_for(device, need);
+  // Same stream as last time: the next upload is queued after the last kernel, so only
+  // the host side must be free. Another stream: wait until the last kernel is done.
+  check(cudaEventSynchronize(st == s.last_stream ? s.uploaded : s.used), "cudaEventSynchronize");
+  std::memcpy(s.host, reinterpret_cast<const void *>(src_ptrs), nt * 8);
+  std::memcpy(s.host + nt, reinterpret_cast<const void *>(dst_ptrs), nt * 8);
+  std::memcpy(s.host + 2 * nt, reinterpret_cast<const void *>(pairs), 2 * n * 8);
+  check(cudaMemcpyAsync(s.dev, s.host, need * 8, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
+  check(cudaEventRecord(s.uploaded, st), "cudaEventRecord");
+  copy_blocks(reinterpret_cast<ptr>(s.dev), reinterpret_cast<ptr>(s.dev + nt),
+              reinterpret_cast<ptr>(s.dev + 2 * nt), num_pairs, num_tensors, block_bytes, stream);
+  check(cudaEventRecord(s.used, st), "cudaEventRecord");
+  s.last_stream = st;
+  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+  return true;
 }
 
 int first_unpinned(ptr ptrs, int count) {

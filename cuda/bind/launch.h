@@ -44,6 +44,12 @@ void write_kv(ptr key, ptr value, ptr key_cache, ptr value_cache, ptr slot_mappi
               int num_kv_heads, int row_bytes, int block_size, ptr stream);
 void copy_blocks(ptr src_ptrs, ptr dst_ptrs, ptr mapping, int num_pairs, int num_tensors,
                  std::int64_t block_bytes, ptr stream);
+// copy_blocks with its tables given as HOST arrays (num_tensors source pointers,
+// num_tensors destination pointers, [num_pairs, 2] block pairs): they go up in one
+// copy through buffers of `device` that are reused call after call. Returns false,
+// doing nothing, while `stream` captures a CUDA graph (which would keep reading them).
+bool copy_blocks_from_host(int device, ptr src_ptrs, ptr dst_ptrs, ptr pairs, int num_pairs,
+                           int num_tensors, std::int64_t block_bytes, ptr stream);
 // Host side of swap. `ptrs` and `runs` are HOST arrays: num_tensors source
 // pointers then num_tensors destination pointers, and [num_runs, 3] int64
 // (src block, dst block, block count). One cudaMemcpyAsync per run and tensor

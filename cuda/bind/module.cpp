@@ -54,6 +54,11 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("num_pairs"), py::arg("num_tensors"), py::arg("block_bytes"), py::arg("stream"),
         "Copy (src, dst) block pairs for every tensor pair in one launch.");
 
+  m.def("copy_blocks_from_host", &copy_blocks_from_host, py::arg("device"), py::arg("src_ptrs"),
+        py::arg("dst_ptrs"), py::arg("pairs"), py::arg("num_pairs"), py::arg("num_tensors"),
+        py::arg("block_bytes"), py::arg("stream"),
+        "copy_blocks from host tables, staged through reused buffers; False while capturing.");
+
   m.def("memcpy_block_runs", &memcpy_block_runs, py::arg("ptrs"), py::arg("runs"),
         py::arg("num_runs"), py::arg("num_tensors"), py::arg("block_bytes"), py::arg("stream"),
         "cudaMemcpyAsync per (run of blocks, tensor); ptrs and runs are host arrays.");

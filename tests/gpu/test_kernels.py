@@ -232,6 +232,38 @@ def test_copy_blocks_all_layers_exact(loader):
         assert torch.equal(gk.cpu(), wk) and torch.equal(gv.cpu(), wv)
 
 
+def test_copy_tables_staged_across_calls_streams_and_graphs(loader):
+    """The tables of copy launches go up through buffers the loader reuses: many calls
+    in a row, alternating streams, and a captured graph (which gets buffers of its own,
+    so a replay after later eager calls still copies its own pairs) all copy exactly."""
+    gen = torch.Generator().manual_seed(9)
+    cache = torch.randn(64, 2, 16, 64, generator=gen).half()
+    gpu = cache.cuda()
+    want = cache.clone()
+    side = torch.cuda.Stream()
+    for i in range(40):  # each call's pairs overwrite the staging of the one before
+        pairs = torch.tensor([[i % 32, 32 + 2 * i % 32], [(i + 5) % 32, 33 + 2 * i % 32]])
+        want[pairs[:, 1]] = want[pairs[:, 0]].clone()
+        if i % 3 == 2:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                ops.copy_blocks([gpu], [], pairs)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            ops.copy_blocks([gpu], [], pairs)
+    assert torch.equal(gpu.cpu(), want)
+    graph_pairs = torch.tensor([[1, 2], [3, 4]])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.copy_blocks([gpu], [], graph_pairs)
+    ops.copy_blocks([gpu], [], torch.tensor([[5, 6]]))  # reuses the staging after capture
+    gpu[2].zero_()
+    gpu[4].zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gpu[2], gpu[1]) and torch.equal(gpu[4], gpu[3])
+
+
 @pytest.mark.parametrize("method", ["memcpy", "kernel"])
 def test_swap_blocks_exact(loader, method):
     gen = torch.Generator().manual_seed(8)

@@ -288,68 +288,38 @@ def _check_ids(m: np.ndarray, num_src: int, num_dst: int) -> None:
                      f"[0, {num_dst}), got src [{lo[0]}, {hi[0]}], dst [{lo[1]}, {hi[1]}]")
 
 
-class _TableStaging:
-    """Grow-only pinned and device buffers of one device for the tables a copy launch
-    reads (tensor pointers and block pairs), reused call after call: a fresh pinned
-    buffer, a device tensor and their bookkeeping cost ~100 us of host time per call,
-    as much as a 4 MiB transfer takes on PCIe. Before the pinned side is rewritten,
-    an event confirms the last upload has left it; the device side is rewritten by an
-    upload queued on the same stream after the last launch that read it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.host = torch.empty(0, dtype=torch.int64)
-        self.dev = torch.empty(0, dtype=torch.int64, device=device)
-        self.uploaded = torch.cuda.Event()
-        self.stream: int | None = None
-
-    def upload(self, parts: list, size: int, stream: int) -> int:
-        """Writes the parts (int64 sequences, in order) and returns the device address."""
-        self.uploaded.synchronize()
-        if size > self.host.numel():
-            cap = max(size, 2 * self.host.numel(), 1024)
-            self.host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
-            self.dev = torch.empty(cap, dtype=torch.int64, device=self.device)
-        h, at = self.host.numpy(), 0
-        for part in parts:
-            h[at:at + len(part)] = part
-            at += len(part)
-        self.dev[:size].copy_(self.host[:size], non_blocking=True)
-        self.uploaded.record()
-        return self.dev.data_ptr()
+# Pinned tables uploaded inside captured CUDA graphs (tests, experiments: the engine
+# captures no copies), kept for the life of the process.
+_GRAPH_TABLES: list[torch.Tensor] = []
 
 
-_STAGING: dict[int, _TableStaging] = {}
-
-
-def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], m: np.ndarray, block_bytes: int,
-                 stream: int | None = None):
-    """One copy_blocks_kernel launch over every tensor pair; the pointer tables and
-    the pairs go up as one pinned buffer in one non-blocking copy: the device's
-    reused staging buffers on torch's current stream (the engine's case), a fresh
-    pair otherwise (a side stream, or a CUDA graph being captured, which keeps the
-    buffers it was given)."""
+def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], m: np.ndarray, block_bytes: int):
+    """One copy_blocks_kernel launch over every tensor pair, on torch's current stream.
+    The pointer tables and the pairs go up in one non-blocking copy through staging
+    buffers the loader reuses call after call (a fresh pinned buffer and device tensor
+    per call cost ~100 us of host time, as much as 4 MiB take on PCIe); while a CUDA
+    graph is being captured, through fresh ones the graph keeps instead."""
     nt, n = len(src_ptrs), m.shape[0]
-    size = 2 * nt + 2 * n
+    stream = torch.cuda.current_stream(device).cuda_stream
+    ptrs = np.array(src_ptrs + dst_ptrs, dtype=np.int64)
+    m = np.ascontiguousarray(m, dtype=np.int64)
+    if get_loader().copy_blocks_from_host(
+            device=device.index, src_ptrs=ptrs.ctypes.data, dst_ptrs=ptrs.ctypes.data + 8 * nt,
+            pairs=m.ctypes.data, num_pairs=n, num_tensors=nt, block_bytes=block_bytes,
+            stream=stream):
+        return
     with torch.cuda.device(device):
-        current = torch.cuda.current_stream(device)
-        if stream is None:
-            stream = current.cuda_stream
-        if stream == current.cuda_stream and not torch.cuda.is_current_stream_capturing():
-            staging = _STAGING.get(device.index)
-            if staging is None:
-                staging = _STAGING[device.index] = _TableStaging(device)
-            table = staging.upload([src_ptrs, dst_ptrs, m.reshape(-1)], size, stream)
-        else:
-            host = torch.empty(size, dtype=torch.int64, pin_memory=True)
-            h = host.numpy()
-            h[:nt], h[nt:2 * nt], h[2 * nt:] = src_ptrs, dst_ptrs, m.reshape(-1)
-            dev = torch.empty(size, dtype=torch.int64, device=device)
-            dev.copy_(host, non_blocking=True)
-            table = dev.data_ptr()
+        host = torch.empty(2 * nt + 2 * n, dtype=torch.int64, pin_memory=True)
+        h = host.numpy()
+        h[:2 * nt], h[2 * nt:] = ptrs, m.reshape(-1)
+        table = torch.empty(host.shape, dtype=torch.int64, device=device)
+        table.copy_(host, non_blocking=True)
+        if torch.cuda.is_current_stream_capturing():
+            _GRAPH_TABLES.append(host)  # every replay reads it again: never to be reused
         get_loader().copy_blocks(
-            src_ptrs=table, dst_ptrs=table + 8 * nt, mapping=table + 16 * nt, num_pairs=n,
-            num_tensors=nt, block_bytes=block_bytes, stream=stream)
+            src_ptrs=table.data_ptr(), dst_ptrs=table.data_ptr() + 8 * nt,
+            mapping=table.data_ptr() + 16 * nt, num_pairs=n, num_tensors=nt,
+            block_bytes=block_bytes, stream=stream)
 
 
 def copy_blocks(key_caches, value_caches, block_mapping):

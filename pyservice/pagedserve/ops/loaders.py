@@ -87,6 +87,7 @@ class CompiledLoader:
         self.prefill = _cuda.prefill
         self.write_kv = _cuda.write_kv
         self.copy_blocks = _cuda.copy_blocks
+        self.copy_blocks_from_host = _cuda.copy_blocks_from_host
         self.memcpy_block_runs = _cuda.memcpy_block_runs
         self.first_unpinned = _cuda.first_unpinned
         self.silu_and_mul = _cuda.silu_and_mul
@@ -133,6 +134,7 @@ class CupyLoader:
         self._options = ("-std=c++17",) + tuple(extra_options)
         self._modules: dict[tuple, object] = {}
         self._streams: dict[int, object] = {}
+        self._staging: dict[int, _TableStaging] = {}
 
     def _module(self, key: tuple, names: list[str]):
         mod = self._modules.get(key)
@@ -229,6 +231,27 @@ class CupyLoader:
         self._launch(self._cache_fn("ps::copy_blocks_kernel"), (num_pairs, num_tensors, 1),
                      (256, 1, 1), args, stream)
 
+    def copy_blocks_from_host(self, device, src_ptrs, dst_ptrs, pairs, num_pairs, num_tensors,
+                              block_bytes, stream):
+        """As the compiled one: the host tables go up through reused buffers of the
+        device (torch tensors; `stream` is torch's current one); False while a graph is
+        captured."""
+        import torch
+
+        dev = torch.device("cuda", device)
+        with torch.cuda.device(dev):
+            if torch.cuda.is_current_stream_capturing():
+                return False
+            staging = self._staging.get(device)
+            if staging is None:
+                staging = self._staging[device] = _TableStaging(dev)
+            table = staging.upload([_host_i64(src_ptrs, num_tensors), _host_i64(dst_ptrs, num_tensors),
+                                    _host_i64(pairs, 2 * num_pairs)], stream)
+            self.copy_blocks(table, table + 8 * num_tensors, table + 16 * num_tensors, num_pairs,
+                             num_tensors, block_bytes, stream)
+            staging.used.record()
+        return True
+
     def memcpy_block_runs(self, ptrs, runs, num_runs, num_tensors, block_bytes, stream):
         p = _host_i64(ptrs, 2 * num_tensors).tolist()
         r = _host_i64(runs, 3 * num_runs).tolist()
@@ -293,6 +316,43 @@ class CupyLoader:
             except rt.CUDARuntimeError:
                 return i
         return -1
+
+
+class _TableStaging:
+    """Grow-only pinned and device buffers of one device (torch tensors) for the tables
+    a copy launch reads, reused call after call on torch's current stream. On the same
+    stream as the last call, the pinned side must only have left (the `uploaded`
+    event): the new upload queues after the last launch. On another stream, the last
+    launch must be done (`used`, recorded by the caller after it)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.int64)
+        self.dev = torch.empty(0, dtype=torch.int64, device=device)
+        self.uploaded = torch.cuda.Event()
+        self.used = torch.cuda.Event()
+        self.last_stream: int | None = None
+
+    def upload(self, parts: list, stream: int) -> int:
+        """Writes the int64 arrays in order and returns the device address."""
+        import torch
+
+        size = sum(len(p) for p in parts)
+        (self.uploaded if stream == self.last_stream else self.used).synchronize()
+        self.last_stream = stream
+        if size > self.host.numel():
+            cap = max(size, 2 * self.host.numel(), 4096)
+            self.host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
+            self.dev = torch.empty(cap, dtype=torch.int64, device=self.device)
+        h, at = self.host.numpy(), 0
+        for part in parts:
+            h[at:at + len(part)] = part
+            at += len(part)
+        self.dev[:size].copy_(self.host[:size], non_blocking=True)
+        self.uploaded.record()
+        return self.dev.data_ptr()
 
 
 def _host_i64(address: int, n: int) -> np.ndarray:
