@@ -103,6 +103,31 @@ def test_requests_that_need_the_host_are_scheduled_as_usual(llm):
     assert eng.stats()["num_steps_scheduled_ahead"] == 0
 
 
+def test_a_parallel_sampling_request_beside_plain_ones(llm):
+    """A request with n = 2 runs one sequence until its first token and then forks it
+    (the children share its blocks): no step may be scheduled ahead of that fork."""
+    requests = [("n2", PROMPTS[5], SamplingParams(temperature=0.8, seed=3, max_tokens=6, n=2)),
+                ("g", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12))]
+    sync, ahead, eng = both(llm, requests)
+    for rid in sync:
+        assert summary(ahead[rid]) == summary(sync[rid]), rid
+    stats = eng.stats()
+    assert stats["num_steps_scheduled_ahead"] > 0  # once the n = 2 request is done
+    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
+
+
+def test_timeline_events_keep_the_time_their_step_was_scheduled(llm):
+    """update() of step N runs after step N+1 was scheduled: N's events must still start
+    when N was scheduled (a prompt chunk starts at its admission)."""
+    eng = engine(llm, True)
+    done = run(eng, [(str(i), p, SamplingParams(temperature=0.0, max_tokens=6))
+                     for i, p in enumerate(PROMPTS)])
+    for out in done.values():
+        events = {e.kind: e for e in out.metrics.events}
+        assert events["prefill_chunk"].start == events["admitted"].start
+        assert events["prefill_chunk"].start <= events["prefill_chunk"].end
+
+
 def test_an_abort_while_a_step_is_ahead_frees_everything(llm):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     requests = [(str(i), p, params) for i, p in enumerate(PROMPTS[:4])]

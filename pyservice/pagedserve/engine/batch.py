@@ -43,6 +43,9 @@ class ScheduledBatch:
     # step's work) of each decode whose token that step is still sampling on the GPU;
     # the runner feeds it from there (token_ids holds a placeholder).
     feed_from_previous: list[tuple[int, int]] = field(default_factory=list)
+    # When the scheduler began this step (time.monotonic()): its timeline events start
+    # here, even if the next step was scheduled before this one's results came back.
+    scheduled_at: float = 0.0
 
 
 @dataclass

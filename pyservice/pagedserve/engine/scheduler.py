@@ -202,7 +202,7 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         self.step_start = time.monotonic()
-        batch = ScheduledBatch(work=[])
+        batch = ScheduledBatch(work=[], scheduled_at=self.step_start)
         budget = _Budget(self.max_num_batched_tokens, self.max_num_seqs)
         preempted, prompts_left = self._schedule_decodes(batch, budget)
         for group in prompts_left:
@@ -241,7 +241,8 @@ class Scheduler:
         entries = []
         new_blocks = 0
         for group in self.running:
-            if len(group.seqs) != 1 or group.beam is not None or _reads_outputs(group.params):
+            # n > 1: one sequence until its first token, then forked (sharing its blocks).
+            if group.params.n != 1 or group.beam is not None or _reads_outputs(group.params):
                 return None
             seq = group.seqs[0]
             index = sampled_at.get(seq.seq_id)
@@ -256,7 +257,7 @@ class Scheduler:
         if not entries or new_blocks > self.bm.num_free_gpu_blocks:
             return None
         self.step_start = time.monotonic()
-        batch = ScheduledBatch(work=[])
+        batch = ScheduledBatch(work=[], scheduled_at=self.step_start)
         ids = [seq.seq_id for seq, _, _ in entries]
         batch.copies.extend(tuple(c) for c in self.bm.append_slots(ids, [0] * len(ids)))
         for seq, group, index in entries:
@@ -541,7 +542,7 @@ class Scheduler:
         num_sampled = 0
         now = time.monotonic()
         for group, kind, blocks in self._step_swaps:  # the runner copied them in this step
-            group.metrics.events.append(PhaseEvent(kind, self.step_start, now, {"blocks": blocks}))
+            group.metrics.events.append(PhaseEvent(kind, batch.scheduled_at, now, {"blocks": blocks}))
         self._step_swaps.clear()
         for work, result in zip(batch.work, results):
             entry = self._seqs.get(work.seq_id)
@@ -554,7 +555,7 @@ class Scheduler:
             if len(work.token_ids) > 1 or not work.sample:
                 self.num_prompt_tokens += len(work.token_ids)
                 group.metrics.events.append(PhaseEvent(
-                    "prefill_chunk", self.step_start, now,
+                    "prefill_chunk", batch.scheduled_at, now,
                     {"tokens": len(work.token_ids), "start": work.start_pos, "seq": seq.index,
                      "sampled": work.sample}))
             if not work.sample:

@@ -9,14 +9,17 @@ Arrival, first scheduling, first token and the end come from RequestMetrics' own
 timestamps. `spans.py` turns the whole record into spans once the request is over.
 
 Times are `time.monotonic()` seconds, like RequestMetrics. `step_start` below is the
-time `Scheduler.schedule()` began the step; `now` is the time `Scheduler.update()`
-took after the forward, so [step_start, now] is the step that did the work.
+time `Scheduler.schedule()` began the step (kept on the batch as `scheduled_at`, since
+with async scheduling the next step is scheduled before this one's update); `now` is
+the time `Scheduler.update()` took after the forward, so [step_start, now] is the step
+that did the work.
 
 The scheduler's lines (pagedserve/engine/scheduler.py):
 
   __init__            self.step_start = 0.0
                       self._step_swaps: list = []        # (group, kind, blocks), this step
-  schedule()          first line: self.step_start = time.monotonic()
+  schedule()          first line: self.step_start = time.monotonic(), also the
+                      batch's scheduled_at (schedule_ahead() does the same)
   _preempt_by_recompute   group.metrics.events.append(PhaseEvent(
                           "preempted", self.step_start, self.step_start, {"mode": "recompute"}))
   _preempt_by_swap    group.metrics.events.append(PhaseEvent(
@@ -30,10 +33,10 @@ The scheduler's lines (pagedserve/engine/scheduler.py):
   update(), right after `now = time.monotonic()`:
                       for group, kind, blocks in self._step_swaps:
                           group.metrics.events.append(
-                              PhaseEvent(kind, self.step_start, now, {"blocks": blocks}))
+                              PhaseEvent(kind, batch.scheduled_at, now, {"blocks": blocks}))
                       self._step_swaps.clear()
   update(), in the branch counting prompt tokens (a chunk of a prefill or recompute):
-                      group.metrics.events.append(PhaseEvent("prefill_chunk", self.step_start,
+                      group.metrics.events.append(PhaseEvent("prefill_chunk", batch.scheduled_at,
                           now, {"tokens": len(work.token_ids), "start": work.start_pos,
                                 "seq": seq.index, "sampled": work.sample}))
   finish_seq()        before bm.free: blocks = len(self.bm.block_table(seq.seq_id))
