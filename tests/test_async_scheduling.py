@@ -89,6 +89,33 @@ def test_outputs_equal_the_synchronous_engine_through_every_kind_of_stop(llm):
     assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"] and stats["num_running"] == 0
 
 
+def test_requests_arriving_mid_run_are_admitted_in_steps_ahead(llm):
+    """A step ahead also admits waiting requests: their prompt chunks are packed before
+    the decodes, whose input tokens still come from the step before."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+    def staggered(eng):
+        done, step, pending = {}, 0, [(str(i), p) for i, p in enumerate(PROMPTS)]
+        while pending or eng.has_unfinished_requests():
+            if pending and step % 2 == 0:
+                rid, prompt = pending.pop(0)
+                eng.add_request(rid, prompt, params)
+            step += 1
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done
+
+    sync = staggered(engine(llm, False))
+    eng = engine(llm, True)
+    ahead = staggered(eng)
+    for rid in sync:
+        assert summary(ahead[rid]) == summary(sync[rid]), rid
+    admitted_ahead = [e for o in ahead.values() for e in o.metrics.events if e.kind == "admitted"]
+    assert len(admitted_ahead) == len(PROMPTS)
+    assert eng.stats()["num_steps_scheduled_ahead"] > 0.5 * eng.stats()["num_steps"]
+
+
 def test_requests_that_need_the_host_are_scheduled_as_usual(llm):
     """Penalties, parallel samples and beam search read the outputs so far: steps with
     them are never scheduled ahead, and their outputs still match."""

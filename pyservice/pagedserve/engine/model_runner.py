@@ -41,6 +41,7 @@ class StepInputs:
     order: list[int]  # packed sequence i is batch.work[order[i]]
     logit_rows: torch.Tensor  # rows of the hidden states that sample
     sample_works: list[int]  # indices into batch.work, aligned with logit_rows
+    first_rows: list[int]  # packed sequence i's first token is input_ids[first_rows[i]]
 
 
 class PendingStep:
@@ -273,9 +274,9 @@ class ModelRunner:
                 hidden = hidden[rows.to(self.device, non_blocking=True)]
             return self.model.compute_logits(hidden), sample_works
         inputs = self.prepare_inputs(work)
-        if feed is not None:
-            packed_row = {i: r for r, i in enumerate(inputs.order)}
-            _feed_tokens(inputs.input_ids, [packed_row[i] for i in feed[0]], feed[2], feed[1])
+        if feed is not None:  # rows of the packed tokens: prompt chunks come first
+            row = {i: inputs.first_rows[r] for r, i in enumerate(inputs.order)}
+            _feed_tokens(inputs.input_ids, [row[i] for i in feed[0]], feed[2], feed[1])
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
         if not inputs.sample_works:
             return None, []
@@ -361,7 +362,8 @@ class ModelRunner:
             md.flash_token_start = int(ends[num_paged - 1]) if num_paged else 0
             md.flash_max_len = int(fresh.max())
         return StepInputs(input_ids=ids_t, positions=pos_t, metadata=md, order=order,
-                          logit_rows=rows_t, sample_works=[order[r] for r in sampling])
+                          logit_rows=rows_t, sample_works=[order[r] for r in sampling],
+                          first_rows=(ends - lens).tolist())
 
     def _upload(self, arrays: list[np.ndarray], dtype) -> list[torch.Tensor]:
         """The arrays as tensors of `dtype` on the runner's device, shapes kept. On
