@@ -89,15 +89,15 @@ def test_outputs_equal_the_synchronous_engine_through_every_kind_of_stop(llm):
     assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"] and stats["num_running"] == 0
 
 
-def test_requests_arriving_mid_run_are_admitted_in_steps_ahead(llm):
-    """A step ahead also admits waiting requests: their prompt chunks are packed before
-    the decodes, whose input tokens still come from the step before."""
+def test_requests_arriving_mid_run(llm):
+    """Requests added between steps: the steps with their prompts are scheduled as
+    usual (waiting requests with room stop a step ahead), the decodes around them ahead."""
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
     def staggered(eng):
         done, step, pending = {}, 0, [(str(i), p) for i, p in enumerate(PROMPTS)]
         while pending or eng.has_unfinished_requests():
-            if pending and step % 2 == 0:
+            if pending and step % 3 == 0:
                 rid, prompt = pending.pop(0)
                 eng.add_request(rid, prompt, params)
             step += 1
@@ -109,11 +109,10 @@ def test_requests_arriving_mid_run_are_admitted_in_steps_ahead(llm):
     sync = staggered(engine(llm, False))
     eng = engine(llm, True)
     ahead = staggered(eng)
+    assert sync.keys() == ahead.keys() == {str(i) for i in range(len(PROMPTS))}
     for rid in sync:
         assert summary(ahead[rid]) == summary(sync[rid]), rid
-    admitted_ahead = [e for o in ahead.values() for e in o.metrics.events if e.kind == "admitted"]
-    assert len(admitted_ahead) == len(PROMPTS)
-    assert eng.stats()["num_steps_scheduled_ahead"] > 0.5 * eng.stats()["num_steps"]
+    assert eng.stats()["num_steps_scheduled_ahead"] > 0
 
 
 def test_requests_that_need_the_host_are_scheduled_as_usual(llm):
@@ -197,3 +196,30 @@ def test_blocks_filled_by_steps_ahead_are_cached_under_their_real_tokens(llm):
     assert second.metrics.num_cached_tokens == (len(prompt) - 1) // 8 * 8
     assert second.metrics.num_cached_tokens > len(first.prompt_token_ids)
     assert second.outputs[0].token_ids == first.outputs[0].token_ids[16:24]
+
+
+def test_the_runner_feeds_decodes_packed_after_a_prompt_chunk(llm):
+    """ModelRunner.launch with feed_from_previous in a batch that also holds a prompt
+    chunk: prompt tokens are packed first, so each fed decode's token row is past them.
+    The tokens equal those of feeding the same decodes from the host."""
+    from pagedserve.engine.batch import ScheduledBatch, SeqWork
+
+    runner = llm.engine.runner
+    greedy = SamplingParams(temperature=0.0)
+    tok = llm.engine.tokenizer
+    a, b, c = (tok(p)["input_ids"] for p in PROMPTS[:3])
+
+    def work(seq_id, tokens, start, first_block, sample=True):
+        blocks = list(range(first_block, first_block + 8))  # 64 slots each, disjoint
+        return SeqWork(seq_id, tokens, start, blocks, sample, greedy, [], [], 0)
+
+    def second_step(feed: bool):
+        first = runner.launch(ScheduledBatch([work(0, a, 0, 0), work(1, b, 0, 8)]))
+        sampled = [r.token_id for r in first.results()] if not feed else [0, 0]
+        batch = ScheduledBatch([work(2, c, 0, 16), work(0, [sampled[0]], len(a), 0),
+                                work(1, [sampled[1]], len(b), 8)])
+        if feed:
+            batch.feed_from_previous = [(1, 0), (2, 1)]
+        return [r.token_id for r in runner.launch(batch, previous=first).results()]
+
+    assert second_step(feed=True) == second_step(feed=False)

@@ -222,20 +222,22 @@ class Scheduler:
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
         """The next step, scheduled while `prev` (already launched) still runs on the GPU,
         so this host work overlaps it: one decode of every running request, feeding the
-        token `prev` is sampling for it, and new admissions as schedule() would make
-        them. The token is not known yet: the runner takes it from the GPU, and its slot
-        is reserved with a placeholder that update() names once `prev`'s results are in.
-        A request that `prev` ends by length gets no decode; one that `prev` ends
-        otherwise (EOS, a stop string) wastes its decode, whose result update() drops.
-        Admissions count every running request as still running (the conservative side
-        of what `prev` will end).
+        token `prev` is sampling for it. That token is not known yet: the runner takes it
+        from the GPU, and its slot is reserved with a placeholder that update() names
+        once `prev`'s results are in. A request that `prev` ends by length gets no
+        decode; one that `prev` ends otherwise (EOS, a stop string) wastes its decode,
+        whose result update() drops.
 
         None when the next step may need more than that, and the caller then waits for
-        `prev` and calls schedule(): swapped requests, a running request that `prev`
-        does not sample for (prompt left), one of several sequences or with penalties
-        (they read the outputs so far), or too few free blocks for the new slots (a
-        preemption)."""
-        if self.swapped or len(self.running) > self.max_num_batched_tokens:
+        `prev` and calls schedule(): requests waiting with room to admit them (admitted
+        here, their prompt step would be launched eagerly, op by op, before `prev`'s
+        tokens are read, which delays every request's tokens by that launch), swapped
+        requests, a running request that `prev` does not sample for (prompt left), one
+        of several sequences or with penalties (they read the outputs so far), or too
+        few free blocks for the new slots (a preemption)."""
+        if self.swapped or (self.waiting and self._num_running_seqs() < self.max_num_seqs):
+            return None
+        if len(self.running) > self.max_num_batched_tokens:
             return None
         sampled_at = {w.seq_id: i for i, w in enumerate(prev.work) if w.sample}
         entries = []
@@ -254,14 +256,12 @@ class Scheduler:
             if seq.num_slots % self.block_size == 0:
                 new_blocks += 1
             entries.append((seq, group, index))
-        admit = bool(self.waiting) and self._num_running_seqs() < self.max_num_seqs
-        if not (entries or admit) or new_blocks > self.bm.num_free_gpu_blocks:
+        if not entries or new_blocks > self.bm.num_free_gpu_blocks:
             return None
         self.step_start = time.monotonic()
         batch = ScheduledBatch(work=[], scheduled_at=self.step_start)
-        if entries:
-            ids = [seq.seq_id for seq, _, _ in entries]
-            batch.copies.extend(tuple(c) for c in self.bm.append_slots(ids, [0] * len(ids)))
+        ids = [seq.seq_id for seq, _, _ in entries]
+        batch.copies.extend(tuple(c) for c in self.bm.append_slots(ids, [0] * len(ids)))
         for seq, group, index in entries:
             pos = seq.num_slots
             if pos % self.block_size == 0 or batch.copies:
@@ -276,15 +276,9 @@ class Scheduler:
                 seq.seq_id, [0], pos, table, True, seq.params, seq.prompt_token_ids,
                 seq.output_token_ids, len(seq.output_token_ids) + 1,
                 _NO_EOS if seq.params.ignore_eos else self.eos_token_ids))
-        if admit:
-            self._schedule_waiting(batch, _Budget(self.max_num_batched_tokens - len(entries),
-                                                  self.max_num_seqs - len(entries)))
-            if not batch.work:  # nothing to decode and nothing admitted: nothing changed
-                return None
         self.num_steps += 1
         self.num_steps_ahead += 1
-        if entries:
-            self.decode_batch_sizes[len(entries)] += 1
+        self.decode_batch_sizes[len(entries)] += 1
         return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch,
