@@ -33,6 +33,7 @@ from typing import Any
 from pagedserve.engine import beam_search
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
 from pagedserve.engine.decode_run import DecodeRun
+from pagedserve.engine.schedule_ahead import schedule_ahead
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
 from pagedserve.observability.timeline import PhaseEvent
 
@@ -47,13 +48,6 @@ class _Budget:
 
 
 _NO_EOS: frozenset[int] = frozenset()
-
-
-def _reads_outputs(params: Any) -> bool:
-    """Whether sampling reads the tokens generated so far (penalties count them), so
-    it cannot run before the previous token is known."""
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
 
 
 class Scheduler:
@@ -220,66 +214,9 @@ class Scheduler:
         return batch
 
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
-        """The next step, scheduled while `prev` (already launched) still runs on the GPU,
-        so this host work overlaps it: one decode of every running request, feeding the
-        token `prev` is sampling for it. That token is not known yet: the runner takes it
-        from the GPU, and its slot is reserved with a placeholder that update() names
-        once `prev`'s results are in. A request that `prev` ends by length gets no
-        decode; one that `prev` ends otherwise (EOS, a stop string) wastes its decode,
-        whose result update() drops.
-
-        None when the next step may need more than that, and the caller then waits for
-        `prev` and calls schedule(): requests waiting with room to admit them (admitted
-        here, their prompt step would be launched eagerly, op by op, before `prev`'s
-        tokens are read, which delays every request's tokens by that launch), swapped
-        requests, a running request that `prev` does not sample for (prompt left), one
-        of several sequences or with penalties (they read the outputs so far), or too
-        few free blocks for the new slots (a preemption)."""
-        if self.swapped or (self.waiting and self._num_running_seqs() < self.max_num_seqs):
-            return None
-        if len(self.running) > self.max_num_batched_tokens:
-            return None
-        sampled_at = {w.seq_id: i for i, w in enumerate(prev.work) if w.sample}
-        entries = []
-        new_blocks = 0
-        for group in self.running:
-            # n > 1: one sequence until its first token, then forked (sharing its blocks).
-            if group.params.n != 1 or group.beam is not None or _reads_outputs(group.params):
-                return None
-            seq = group.seqs[0]
-            index = sampled_at.get(seq.seq_id)
-            if index is None or seq.is_finished or seq.num_slots != len(seq.token_ids):
-                return None
-            num_out = len(seq.output_token_ids) + 1  # with the token being sampled
-            if num_out >= seq.params.max_tokens or len(seq.token_ids) + 1 >= self.max_model_len:
-                continue  # prev ends it by length
-            if seq.num_slots % self.block_size == 0:
-                new_blocks += 1
-            entries.append((seq, group, index))
-        if not entries or new_blocks > self.bm.num_free_gpu_blocks:
-            return None
-        self.step_start = time.monotonic()
-        batch = ScheduledBatch(work=[], scheduled_at=self.step_start)
-        ids = [seq.seq_id for seq, _, _ in entries]
-        batch.copies.extend(tuple(c) for c in self.bm.append_slots(ids, [0] * len(ids)))
-        for seq, group, index in entries:
-            pos = seq.num_slots
-            if pos % self.block_size == 0 or batch.copies:
-                seq.cached_block_table = None  # it gained a block
-            seq.num_slots += 1
-            seq.placeholder_slot = True
-            table = seq.cached_block_table
-            if table is None:
-                table = seq.cached_block_table = self.bm.block_table(seq.seq_id)
-            batch.feed_from_previous.append((len(batch.work), index))
-            batch.work.append(SeqWork(
-                seq.seq_id, [0], pos, table, True, seq.params, seq.prompt_token_ids,
-                seq.output_token_ids, len(seq.output_token_ids) + 1,
-                _NO_EOS if seq.params.ignore_eos else self.eos_token_ids))
-        self.num_steps += 1
-        self.num_steps_ahead += 1
-        self.decode_batch_sizes[len(entries)] += 1
-        return batch
+        """The next step's decodes, scheduled while `prev` still runs on the GPU; None
+        when the next step needs `prev`'s results first (engine/schedule_ahead.py)."""
+        return schedule_ahead(self, prev)
 
     def _schedule_decodes(self, batch: ScheduledBatch,
                           budget: _Budget) -> tuple[bool, list[SequenceGroup]]:
