@@ -17,9 +17,16 @@
 // the final merge. Softmax is online in the log2 domain with fp32 state; P is
 // rounded to the input type for the P V product, as FlashAttention does.
 //
-// Rows of a stage are padded by 16 bytes so the 8 rows that one ldmatrix
-// phase reads start in 8 different 4-bank groups for every head size
-// (64, 80, 96, 128, 256), which a power-of-2 XOR swizzle cannot do for 80/96.
+// Stage layout. The copies of a warp are served whole only when the rows they
+// fill start on 128-byte boundaries of shared memory; a row that straddles
+// one has its sectors fetched from L2 twice (ncu at head 128: 1.57x the KV
+// bytes from L2 with rows padded by 16 bytes, 2.03x with every row 16 bytes
+// off, 1.13x aligned; docs/kernels.md). ldmatrix, for its part, wants the 8
+// rows of one phase in 8 different 4-bank groups. For head sizes 64, 128 and
+// 256 (rows of 128, 256, 512 bytes) rows are unpadded and 128-byte aligned,
+// and the 16-byte chunk c of row r is stored at chunk c ^ (r & 7): both hold.
+// 80 and 96 (rows of 160, 192 bytes) cannot be swizzled that way; their rows
+// are padded by 16 bytes (conflict-free reads, some sectors fetched twice).
 //
 // Tokens past the context are zero-filled (cp.async with source size 0), never
 // read: block-table padding is not dereferenced and 0 * NaN cannot occur.
@@ -45,13 +52,15 @@ struct TcShape {
     NWARPS = 4,
     TILE = 16,                      // tokens per warp tile (one mma K of P V)
     STAGES = D >= 256 ? 2 : PS_TC_STAGES,  // 3 keeps two CTAs per SM at head 128
-    DP = D + 8,                     // padded row, in 16-bit elements
+    SWZ = (D & (D - 1)) == 0,       // XOR-swizzled rows (else padded)
+    DP = D + 8,                     // padded row of the query tile, in 16-bit elements
+    RP = SWZ ? D : D + 8,           // row of a pipeline stage, in 16-bit elements
     CPR = D / 8,                    // 16-byte chunks per row
     KSTEPS = D / 16,                // mma K steps of Q K^T
     NTD = D / 8,                    // output n-tiles of P V
-    STAGE_ELEMS = 2 * TILE * DP,    // K rows then V rows
+    STAGE_ELEMS = 2 * TILE * RP,    // K rows then V rows
     PIPE_BYTES = NWARPS * STAGES * STAGE_ELEMS * 2,
-    SMEM_BYTES = 16 * DP * 2 + PIPE_BYTES,  // must match decode_tc_smem_bytes in ops/loaders.py
+    SMEM_BYTES = 16 * DP * 2 + PIPE_BYTES + 128,  // must match decode_tc_smem_bytes in ops/loaders.py
     QREG = D <= 128,                // keep Q fragments in registers (else re-read from smem)
   };
   static_assert((TILE * CPR) % 32 == 0, "a tile must split evenly over the lanes");
@@ -103,6 +112,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Byte offset of 16-byte chunk c of row r in a pipeline stage (see the top).
+template <int D>
+__device__ __forceinline__ unsigned stage_off(int r, int c) {
+  typedef TcShape<D> S;
+  return (unsigned)(r * S::RP + (S::SWZ ? c ^ (r & 7) : c) * 8) * 2;
+}
+
 // Two floats into one 16-bit pair, lo in the low half (the lower k index).
 template <int DT>
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
@@ -134,8 +150,13 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
   enum { NWARPS = S::NWARPS, TILE = S::TILE, STAGES = S::STAGES, DP = S::DP, CPR = S::CPR,
          KSTEPS = S::KSTEPS, NTD = S::NTD, STAGE_ELEMS = S::STAGE_ELEMS };
   extern __shared__ uint4 tc_smem[];
-  u16 *qs = reinterpret_cast<u16 *>(tc_smem);  // [16][DP]
-  u16 *pipe = qs + 16 * DP;                     // [NWARPS][STAGES][K, V][TILE][DP]
+  // Dynamic shared memory starts after the static (split_kv_finish's flag), so
+  // the pipeline is put on the next 128-byte boundary (SMEM_BYTES has room for
+  // it): rows misaligned by 16 bytes would split every sector a copy reads.
+  // The query tile follows the pipeline.
+  u16 *pipe = reinterpret_cast<u16 *>(reinterpret_cast<char *>(tc_smem) +
+                                      ((128u - (smem_addr(tc_smem) & 127u)) & 127u));
+  u16 *qs = pipe + NWARPS * STAGES * STAGE_ELEMS;  // [16][DP]
 
   const int G = num_heads / num_kv_heads;
   const int groups = (G + 15) / 16;
@@ -194,7 +215,7 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     if (it < ntiles) {
       const int tb = first + it * STEP;
       const unsigned ks = wpipe + (it % STAGES) * STAGE_ELEMS * 2;
-      const unsigned vs = ks + TILE * DP * 2;
+      const unsigned vs = ks + TILE * S::RP * 2;
       const i64 blk = blk_next;
       fetch_blk(it + 1);
       // lane r < TILE resolves token tb + r through the block table once
@@ -212,7 +233,7 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
         const i64 o = ((i64)__shfl_sync(0xffffffffu, off_hi, r) << 32) |
                       (unsigned)__shfl_sync(0xffffffffu, off_lo, r);
         const int n = __shfl_sync(0xffffffffu, ok, r);
-        const unsigned so = (r * DP + c * 8) * 2;
+        const unsigned so = stage_off<D>(r, c);
         cp_async16(ks + so, kc + o + c * 8, n);
         cp_async16(vs + so, vc + o + c * 8, n);
       }
@@ -244,17 +265,31 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
 #pragma unroll
   for (int j = 0; j < NTD; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
-  // lane offsets inside a stage for the ldmatrix reads of K (non-transposed: rows are
-  // tokens, the fragments are K^T) and V (transposed)
-  const unsigned k_lane = ((((lane >> 4) << 3) + (lane & 7)) * DP + ((lane >> 3) & 1) * 8) * 2;
-  const unsigned v_lane = ((lane & 15) * DP + (lane >> 4) * 8) * 2;
+  // Byte offsets inside a stage of this lane's ldmatrix reads of K (non-transposed:
+  // rows are tokens, the fragments are K^T) and V (transposed). Read i (a k-step of
+  // Q K^T, a pair of n-tiles of P V) takes chunk 2 i + c0 of row r, stored at chunk
+  // (2 i + c0) ^ (r & 7) = b + 2 (((i & 3) ^ y) + (i & ~3)) with b = c0 ^ (r & 1),
+  // y = (r >> 1) & 3 (b = c0, y = 0 for padded rows): four offsets per lane, the
+  // rest an immediate, so the loop adds nothing to the address math.
+  unsigned k_off[4], v_off[4];
+  {
+    const int kr = ((lane >> 4) << 3) + (lane & 7), kc0 = (lane >> 3) & 1;
+    const int vr = lane & 15, vc0 = lane >> 4;
+    const int ky = S::SWZ ? (kr >> 1) & 3 : 0, vy = S::SWZ ? (vr >> 1) & 3 : 0;
+    const int kb = S::SWZ ? kc0 ^ (kr & 1) : kc0, vb = S::SWZ ? vc0 ^ (vr & 1) : vc0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      k_off[j] = (unsigned)(kr * S::RP * 2 + kb * 16 + 32 * (j ^ ky));
+      v_off[j] = (unsigned)(vr * S::RP * 2 + vb * 16 + 32 * (j ^ vy));
+    }
+  }
 
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncwarp();  // every lane's copies of tile `it` landed; the stage read last round is free
     issue(it + STAGES - 1);
     const unsigned ks = wpipe + (it % STAGES) * STAGE_ELEMS * 2;
-    const unsigned vs = ks + TILE * DP * 2;
+    const unsigned vs = ks + TILE * S::RP * 2;
     const int tb = first + it * STEP;
 
     float s[2][4];
@@ -263,7 +298,7 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
       unsigned b[4];
-      ldsm_x4(b, ks + k_lane + kk * 32);
+      ldsm_x4(b, ks + k_off[kk & 3] + 32 * (kk & ~3));
       if (S::QREG) {
         mma16816<DT>(s[0], qa[S::QREG ? kk : 0], b[0], b[1]);
         mma16816<DT>(s[1], qa[S::QREG ? kk : 0], b[2], b[3]);
@@ -316,7 +351,7 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
 #pragma unroll
     for (int jd = 0; jd < NTD / 2; ++jd) {
       unsigned b[4];
-      ldsm_x4_t(b, vs + v_lane + jd * 32);
+      ldsm_x4_t(b, vs + v_off[jd & 3] + 32 * (jd & ~3));
       mma16816<DT>(o[2 * jd], pa, b[0], b[1]);
       mma16816<DT>(o[2 * jd + 1], pa, b[2], b[3]);
     }

@@ -40,10 +40,12 @@ def decode_tc_stages(head_size: int) -> int:
 
 
 def decode_tc_smem_bytes(head_size: int) -> int:
-    """Dynamic shared memory of paged_decode_tc_kernel: the query rows plus, per
-    warp (4), `stages` tiles of 16 K rows and 16 V rows, rows padded by 8 elements."""
-    row = (head_size + 8) * 2
-    return 16 * row + 4 * decode_tc_stages(head_size) * 2 * 16 * row
+    """Dynamic shared memory of paged_decode_tc_kernel: 16 query rows padded by 8
+    elements plus, per warp (4), `stages` tiles of 16 K rows and 16 V rows (padded
+    by 8 elements only where the head size is not a power of 2: TcShape::RP)."""
+    q_row = (head_size + 8) * 2
+    kv_row = head_size * 2 if head_size & (head_size - 1) == 0 else q_row
+    return 16 * q_row + 4 * decode_tc_stages(head_size) * 2 * 16 * kv_row + 128  # + alignment
 
 
 def set_loader(name: str | None) -> None:
