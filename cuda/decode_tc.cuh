@@ -371,10 +371,14 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     const int r0 = lane >> 2, c0 = 2 * (lane & 3);
     float *w0 = sm_o + (warp * 16 + r0) * D + c0;
     float *w1 = w0 + 8 * D;
+    // only the group's rows (nh of the 16) are merged: the rest are not stored
+    if (r0 < nh) {
 #pragma unroll
-    for (int j = 0; j < NTD; ++j) {
-      *reinterpret_cast<float2 *>(w0 + 8 * j) = make_float2(o[j][0], o[j][1]);
-      *reinterpret_cast<float2 *>(w1 + 8 * j) = make_float2(o[j][2], o[j][3]);
+      for (int j = 0; j < NTD; ++j) *reinterpret_cast<float2 *>(w0 + 8 * j) = make_float2(o[j][0], o[j][1]);
+    }
+    if (r0 + 8 < nh) {
+#pragma unroll
+      for (int j = 0; j < NTD; ++j) *reinterpret_cast<float2 *>(w1 + 8 * j) = make_float2(o[j][2], o[j][3]);
     }
     if ((lane & 3) == 0) {
       sm_m[warp * 16 + r0] = m0;
