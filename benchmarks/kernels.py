@@ -80,16 +80,23 @@ def copy_rate(nbytes: int, iters: int) -> float:
     return 2 * nbytes / t
 
 
-def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
+def paged_inputs(b: int, l: int, gen: torch.Generator):
+    """Query, K/V caches and block tables (scattered block ids) of one B x L shape."""
     nb = l // BS
     num_blocks = b * nb
     kc, vc = ops.allocate_kv_cache(num_blocks, BS, HKV, D, torch.bfloat16, "cuda")
     kc.normal_(generator=gen)
     vc.normal_(generator=gen)
-    perm = torch.randperm(num_blocks, device="cuda", generator=gen)  # scattered block ids
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen)
     bt = perm.view(b, nb).to(torch.int32)
     ctx = torch.full((b,), l, dtype=torch.int32, device="cuda")
     q = torch.randn(b, HQ, D, device="cuda", generator=gen).bfloat16()
+    return q, kc, vc, bt, ctx
+
+
+def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
+    nb = l // BS
+    q, kc, vc, bt, ctx = paged_inputs(b, l, gen)
     scale = D ** -0.5
     kv_bytes = 2 * b * l * HKV * D * 2
 
@@ -223,12 +230,23 @@ def environment() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="JSON results path")
+    ap.add_argument("--out", help="JSON results path")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--loader", choices=["compiled", "cupy"], default=None)
+    ap.add_argument("--decode-once", action="store_true",
+                    help="only run one paged decode per shape, eagerly (for profilers such as ncu)")
     args = ap.parse_args()
     ops.set_loader(args.loader)
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.decode_once:
+        for b, l in SHAPES:
+            q, kc, vc, bt, ctx = paged_inputs(b, l, gen)
+            ops.decode_attention(q, kc, vc, bt, ctx, D ** -0.5)
+            torch.cuda.synchronize()
+            del q, kc, vc, bt, ctx
+        return
+    if args.out is None:
+        ap.error("--out is required")
     result = {"env": environment(), "copy_Bps": copy_rate(1 << 30, args.iters), "decode": [], "swap": None}
     for b, l in SHAPES:
         result["decode"].append(decode_case(b, l, args.iters, gen))
