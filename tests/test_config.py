@@ -13,6 +13,14 @@ def test_defaults_resolve_auto_on_cpu():
     assert not c.on_gpu
 
 
+def test_auto_preemption_swaps_on_gpu_only(monkeypatch):
+    assert EngineConfig().scheduler_preemption_mode == "auto"
+    assert EngineConfig(preemption_mode="recompute").scheduler_preemption_mode == "recompute"
+    monkeypatch.setattr("pagedserve.config._cuda_available", lambda: True)
+    assert EngineConfig(device="cuda").scheduler_preemption_mode == "swap"
+    assert EngineConfig(device="cuda", preemption_mode="recompute").scheduler_preemption_mode == "recompute"
+
+
 def test_dtype_spellings_are_canonical():
     assert EngineConfig(dtype="bf16").dtype == "bfloat16"
     assert EngineConfig(dtype="HALF").dtype == "float16"

@@ -87,6 +87,14 @@ class EngineConfig:
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
+    @property
+    def scheduler_preemption_mode(self) -> str:
+        """The mode the scheduler applies. `auto` on a GPU is `swap` (recompute only when
+        the CPU pool is full): there a swap round trip measured 4-9x cheaper than
+        recomputing, single sequences included (docs/throughput_gpu.md). On CPU `auto`
+        swaps groups of several sequences and recomputes single ones."""
+        return "swap" if self.preemption_mode == "auto" and self.on_gpu else self.preemption_mode
+
     def _check_device(self) -> None:
         device = self.device
         if not isinstance(device, str):

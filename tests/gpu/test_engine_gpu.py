@@ -40,11 +40,16 @@ def unconstrained(model_dir):
     return tokens
 
 
-@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
 def test_preemption_on_gpu_changes_no_token(model_dir, unconstrained, mode):
+    """`auto` on a GPU swaps, single sequences included (every request here is one)."""
     tokens, stats = run(model_dir, num_kv_blocks=40, preemption_mode=mode, swap_space_gb=0.05)
-    assert stats["preemptions_by_mode"][mode] > 0
-    if mode == "swap":
+    applied = "swap" if mode == "auto" else mode
+    assert stats["preemptions_by_mode"][applied] > 0
+    if mode == "auto":  # exactly what `swap` does
+        _, swap_stats = run(model_dir, num_kv_blocks=40, preemption_mode="swap", swap_space_gb=0.05)
+        assert stats["preemptions_by_mode"] == swap_stats["preemptions_by_mode"]
+    if applied == "swap":
         assert stats["blocks_swapped_out"] > 0 and stats["blocks_swapped_in"] > 0
     assert tokens == unconstrained
     assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]

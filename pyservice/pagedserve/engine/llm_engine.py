@@ -56,7 +56,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, preemption_mode=config.preemption_mode,
+            max_model_len=self.max_model_len, preemption_mode=config.scheduler_preemption_mode,
             eos_token_ids=self.eos_token_ids)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         # A step scheduled ahead and queued on the device, not yet read back.

@@ -423,8 +423,8 @@ class Scheduler:
     def _preempt(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
         """Takes a request (already out of `running`) off the GPU. `auto` swaps groups
         of several sequences (recomputing them would redo the shared prompt once per
-        sample) and recomputes single ones. (On an H100 a swap round trip measured 4-9x
-        cheaper than recomputing a single sequence too: docs/throughput_gpu.md.)"""
+        sample) and recomputes single ones; the engine gives a GPU scheduler `swap`
+        instead (EngineConfig.scheduler_preemption_mode)."""
         mode = self.preemption_mode
         if mode == "auto":
             mode = "swap" if len(group.live_seqs()) > 1 else "recompute"
