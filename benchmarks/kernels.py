@@ -198,14 +198,16 @@ def swap_layers_case(iters: int, layers: int = 32, seq_tokens: int = 2048, gpu_b
 
 
 def long_context_variants(iters: int, gen: torch.Generator) -> list[dict]:
-    """1 x 32768 under other partition plans (part tokens, partitions): the plan of
-    the 64-token alignment used before (31 x 1088), one exact wave, twice as many."""
+    """Other partition plans (part tokens, partitions) than the planner's one CTA per
+    SM: 1 x 32768 in 96 CTAs, in 136 (a few SMs with two), in 256 (two per SM, the
+    plan before), in 512; 16 x 16384 split in two (256 CTAs)."""
     chosen = _cuda_ops._tc_split
     rows = []
     try:
-        for plan in ((1088, 31), (1008, 33), (512, 64)):
+        for b, l, plan in ((1, 32768, (2736, 12)), (1, 32768, (1936, 17)), (1, 32768, (1024, 32)),
+                           (1, 32768, (512, 64)), (16, 16384, (8192, 2))):
             _cuda_ops._tc_split = lambda *_, plan=plan: plan
-            r = decode_case(1, 32768, iters, gen)
+            r = decode_case(b, l, iters, gen)
             r["forced_plan"] = list(plan)
             rows.append(r)
     finally:
@@ -278,7 +280,7 @@ def main() -> None:
     print(f"  kernel call, host time: {s['kernel_out_host_s'] * 1e6:.0f} us")
     print(f"  contiguous run, default: out {s['default_out_contiguous_Bps'] / gb:.1f} GB/s")
     for r in result["decode_variants"]:
-        print(f"1 x 32768 forced plan {tuple(r['forced_plan'])}: {r['paged_s'] * 1e6:.1f} us "
+        print(f"{r['batch']} x {r['context']} forced plan {tuple(r['forced_plan'])}: {r['paged_s'] * 1e6:.1f} us "
               f"{r['paged_Bps'] / tb:.2f} TB/s plan {tuple(r['plan_qpb_part_nparts'])} "
               f"(sdpa {r['sdpa_contiguous_Bps'] / tb:.2f})")
     a = result["swap_all_layers"]

@@ -17,14 +17,15 @@ from .loaders import QPB_CHOICES, QPB_TC, decode_tc_smem_bytes, get_loader
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_SIZES = (64, 80, 96, 128, 256)
-# Split-KV fills the GPU when a batch has fewer CTAs than this many per SM. None: the
-# tensor-core kernel's occupancy (from its shared memory), 4 for the CUDA-core kernel.
-# Tests set it to force (huge) or forbid (0) the split.
+# Split-KV fills the GPU when a batch has fewer CTAs than this many per SM. None: 1
+# for the tensor-core kernel (one of its CTAs streams an SM's share of HBM; see
+# _tc_split), 4 for the CUDA-core kernel. Tests set it to force (huge) or forbid (0)
+# the split.
 TARGET_CTAS_PER_SM: int | None = None
+TC_CTAS_PER_SM = 1
 CUDA_CORE_CTAS_PER_SM = 4
 MIN_PART_TOKENS = 256
-# Partition lengths of the tensor-core kernel are multiples of one 16-token tile,
-# so the partition count can fill whole waves (1 x 32768 on 132 SMs: 33 x 1008).
+# Partition lengths of the tensor-core kernel are multiples of one 16-token tile.
 PART_ALIGN = 16
 
 
@@ -99,34 +100,35 @@ def _attention_checks(name, query, key_cache, value_cache, block_tables, context
 
 
 @functools.lru_cache(maxsize=4096)
-def _tc_split(ctas: int, max_context: int, slots: int) -> tuple[int, int]:
-    """(partition tokens, partitions) for the tensor-core kernel: split only a
-    batch that does not fill one wave of `slots` resident CTAs, into the number
-    of partitions whose CTAs fill whole waves best; more partitions must fill
-    them 5% better (each costs pipeline warm-up and reduction traffic)."""
-    if ctas >= slots or max_context <= MIN_PART_TOKENS:
+def _tc_split(ctas: int, max_context: int, target: int) -> tuple[int, int]:
+    """(partition tokens, partitions) for the tensor-core kernel. One of its CTAs
+    streams an SM's share of HBM, so extra partitions only add partial-output traffic
+    and per-CTA start and finish: split a batch of fewer than `target` CTAs (one per
+    SM) into the most partitions that stay within it; where that leaves more than a
+    third of the SMs idle, into the fewest that occupy them all (H100,
+    benchmarks/kernels.py: 1 x 32768 in 128 CTAs 52.6 us, 96 52.6, 136 53.5, 256
+    54.1, 512 60.9; 16 x 16384 unsplit in 128 CTAs 355 us, in 256 362)."""
+    if ctas >= target or max_context <= MIN_PART_TOKENS:
         return max(max_context, 1), 1
-    best, best_eff = (max(max_context, 1), 1), ctas / slots
-    for want in range(2, -(-max_context // MIN_PART_TOKENS) + 1):
-        part = max(MIN_PART_TOKENS, -(-max_context // want))
-        part = -(-part // PART_ALIGN) * PART_ALIGN
-        n = -(-max_context // part)
-        total = ctas * n
-        eff = total / (-(-total // slots) * slots)
-        if n > best[1] and eff > best_eff * 1.05:
-            best, best_eff = (part, n), eff
-    return best
+    most = -(-max_context // MIN_PART_TOKENS)  # partitions of at least MIN_PART_TOKENS
+    want = min(target // ctas, most)
+    if ctas * want * 3 < target * 2:
+        want = min(-(-target // ctas), most)
+    part = max(MIN_PART_TOKENS, -(-max_context // max(want, 1)))
+    part = -(-part // PART_ALIGN) * PART_ALIGN
+    n = -(-max_context // part)
+    return (part, n) if n > 1 else (max(max_context, 1), 1)
 
 
 def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: int,
                 num_sms: int, tc_ctas_per_sm: int = 0) -> tuple[int, int, int]:
     """(query heads per CTA, partition tokens, partitions). max_context is an
     upper bound known on the host (block table width * block size), so no sync.
-    tc_ctas_per_sm > 0 selects the tensor-core kernel (qpb QPB_TC) with that occupancy."""
+    tc_ctas_per_sm > 0 (its occupancy) selects the tensor-core kernel (qpb QPB_TC)."""
     group = num_heads // num_kv_heads
     if tc_ctas_per_sm > 0:
         ctas = num_seqs * num_kv_heads * -(-group // QPB_TC)
-        per_sm = tc_ctas_per_sm if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
+        per_sm = TC_CTAS_PER_SM if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
         return (QPB_TC,) + _tc_split(ctas, max_context, per_sm * num_sms)
     qpb = next(q for q in QPB_CHOICES if q >= min(group, QPB_CHOICES[-1]))
     ctas = num_seqs * num_kv_heads * -(-group // qpb)
