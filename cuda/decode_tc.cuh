@@ -19,9 +19,9 @@
 //
 // Stage layout. The copies of a warp are served whole only when the rows they
 // fill start on 128-byte boundaries of shared memory; a row that straddles
-// one has its sectors fetched from L2 twice (ncu at head 128: 1.57x the KV
-// bytes from L2 with rows padded by 16 bytes, 2.03x with every row 16 bytes
-// off, 1.13x aligned; docs/kernels.md). ldmatrix, for its part, wants the 8
+// one has its sectors fetched from L2 twice (benchmarks/smem_layout_probe.cu:
+// 1.56x the KV bytes from L2 with rows padded by 16 bytes, 2.0x with every row
+// 16 bytes off, 1.25x aligned; docs/kernels.md). ldmatrix, for its part, wants the 8
 // rows of one phase in 8 different 4-bank groups. For head sizes 64, 128 and
 // 256 (rows of 128, 256, 512 bytes) rows are unpadded and 128-byte aligned,
 // and the 16-byte chunk c of row r is stored at chunk c ^ (r & 7): both hold.
