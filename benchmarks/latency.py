@@ -83,6 +83,16 @@ def model_spec(model: str, load_format: str, tmp_dir: str) -> tuple[str | None, 
     return model, load_format
 
 
+def add_model_args(ap) -> None:
+    """--model (for model_spec), --load-format, --device, --dtype."""
+    ap.add_argument("--model", default="llama8b",
+                    help="llama8b (random weights of Llama-3.1-8B's shape), default (the embedded "
+                         "SmolLM2) or a path")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="for default or a path")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+
+
 # ---- statistics -------------------------------------------------------------------------
 
 def summary(values: list[float]) -> dict:
@@ -259,12 +269,7 @@ def print_table(report: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama8b",
-                    help="llama8b (random weights of Llama-3.1-8B's shape), default (the embedded "
-                         "SmolLM2) or a path")
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="for default or a path")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    add_model_args(ap)
     ap.add_argument("--rates", default="2,8,16", help="requests/s, comma separated")
     ap.add_argument("--hf-rates", help="transformers' rates (default: --rates)")
     add_workload_args(ap, num_requests=200)  # --num-requests: per rate, pagedserve

@@ -44,7 +44,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from latency import model_spec  # noqa: E402
+from latency import add_model_args, model_spec  # noqa: E402
 from throughput import environment  # noqa: E402
 
 
@@ -205,12 +205,7 @@ def _ints(ap, name: str, value: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama8b",
-                    help="llama8b (random weights of Llama-3.1-8B's shape), default (the embedded "
-                         "SmolLM2) or a path")
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="for default or a path")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    add_model_args(ap)
     ap.add_argument("--block-sizes", default="8,16,32,64,128")
     ap.add_argument("--seq-lens", default="256,1024,2048", help="tokens of each preempted sequence")
     ap.add_argument("--num-seqs", type=int, default=1, help="sequences preempted (and recomputed) together")
