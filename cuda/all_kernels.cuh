@@ -5,5 +5,6 @@
 #include "decode.cuh"
 #include "decode_tc.cuh"
 #include "prefill.cuh"
+#include "prefill_tc.cuh"
 #include "layer_ops.cuh"
 #include "gemv.cuh"

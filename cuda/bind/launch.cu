@@ -1,6 +1,7 @@
 // Entry points that dispatch on dtype, plus the prefill and cache-op launchers.
 #include "../cache_ops.cuh"
 #include "../prefill.cuh"
+#include "../prefill_tc.cuh"
 #include "launch_util.cuh"
 
 #include <algorithm>
@@ -28,14 +29,22 @@ static void prefill_dtype(const PrefillArgs &a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   with_head_size(a.head_size, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
-    constexpr int smem = ps::prefill_smem_bytes(D);
+    int smem = ps::prefill_smem_bytes(D), rows = ps::PrefillShape::ROWS;
     auto kernel = ps::paged_prefill_kernel<DT, D>;
+    if (a.tensor_cores) {
+      if constexpr (DT == ps::DT_F32) {
+        unsupported("tensor_cores with dtype code", DT);
+      } else {
+        kernel = ps::paged_prefill_tc_kernel<DT, D>;
+        smem = ps::PrefillTcShape<D>::SMEM_BYTES;
+        rows = ps::PrefillTcShape<D>::ROWS;
+      }
+    }
     if (smem > 48 * 1024) {
       const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (err != cudaSuccess) throw std::runtime_error(std::string("prefill smem: ") + cudaGetErrorString(err));
     }
     // Upper bound on the tiles of all sequences; surplus CTAs exit at once.
-    const int rows = ps::PrefillShape::ROWS;
     const dim3 grid((a.num_tokens * G + rows - 1) / rows + a.num_seqs, a.num_kv_heads);
     kernel<<<grid, 128, smem, stream>>>(
         reinterpret_cast<T *>(a.out), reinterpret_cast<const T *>(a.q), a.q_stride,

@@ -33,6 +33,7 @@ struct PrefillArgs {
   ptr query_start_loc, context_lens;
   int num_seqs, num_tokens, num_heads, num_kv_heads, block_size;
   float scale;
+  int tensor_cores;  // 1: paged_prefill_tc_kernel (fp16/bf16, sm_80 and up)
   ptr stream;
 };
 

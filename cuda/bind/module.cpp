@@ -33,16 +33,18 @@ PYBIND11_MODULE(_cuda, m) {
         [](int dtype, int head_size, ptr out, ptr q, std::int64_t q_stride, ptr key_cache,
            ptr value_cache, ptr block_tables, int bt_stride, ptr query_start_loc, ptr context_lens,
            int num_seqs, int num_tokens, int num_heads, int num_kv_heads, int block_size, float scale,
-           ptr stream) {
+           bool tensor_cores, ptr stream) {
           prefill(PrefillArgs{dtype, head_size, out, q, q_stride, key_cache, value_cache,
                               block_tables, bt_stride, query_start_loc, context_lens, num_seqs,
-                              num_tokens, num_heads, num_kv_heads, block_size, scale, stream});
+                              num_tokens, num_heads, num_kv_heads, block_size, scale,
+                              tensor_cores ? 1 : 0, stream});
         },
         py::arg("dtype"), py::arg("head_size"), py::arg("out"), py::arg("q"), py::arg("q_stride"),
         py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
         py::arg("query_start_loc"), py::arg("context_lens"), py::arg("num_seqs"),
         py::arg("num_tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"),
-        py::arg("scale"), py::arg("stream"), "Varlen causal prefill over paged KV.");
+        py::arg("scale"), py::arg("tensor_cores"), py::arg("stream"),
+        "Varlen causal prefill over paged KV (tensor_cores: the fp16/bf16 mma kernel).");
 
   m.def("write_kv", &write_kv, py::arg("key"), py::arg("value"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"), py::arg("key_stride"),

@@ -163,6 +163,14 @@ def test_decode_split_counters_reset_and_graph(loader):
         assert rel_err(out, want) < 1e-2
 
 
+@pytest.fixture(params=["tensor_cores", "cuda_cores"])
+def prefill_kernel(request, monkeypatch):
+    """fp16/bf16 prefill runs on the tensor-core kernel; the CUDA-core one (fp32's)
+    must stay right for them too (GPUs before sm_80 take it)."""
+    monkeypatch.setattr(_cuda_ops, "PREFILL_TENSOR_CORES", request.param == "tensor_cores")
+    return request.param
+
+
 def check_prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2)):
     H, hkv = heads
     kc, vc, bt = paged_kv(lens, block_size, hkv, head_size, dtype, gen)
@@ -180,7 +188,7 @@ def check_prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
-def test_prefill_varlen_cached_prefix(loader, dtype, head_size):
+def test_prefill_varlen_cached_prefix(loader, prefill_kernel, dtype, head_size):
     gen = torch.Generator().manual_seed(head_size)
     # a fresh prompt, the tail after a prefix-cache hit, a decode-like single token,
     # a chunk at the end of a long context, a one-token prompt
@@ -191,9 +199,17 @@ def test_prefill_varlen_cached_prefix(loader, dtype, head_size):
 
 @pytest.mark.parametrize("block_size", [8, 32])
 @pytest.mark.parametrize("heads", [(4, 4), (16, 1), (6, 2)], ids=str)
-def test_prefill_block_sizes_and_groups(loader, block_size, heads):
+def test_prefill_block_sizes_and_groups(loader, prefill_kernel, block_size, heads):
     gen = torch.Generator().manual_seed(block_size)
     check_prefill_case(torch.bfloat16, 128, block_size, gen, [block_size + 1, 50, 9], [block_size + 1, 33, 2], heads)
+
+
+@pytest.mark.parametrize("head_size", [96, 128])
+def test_prefill_long_prompts_after_a_prefix_hit(loader, prefill_kernel, head_size):
+    """Llama-3-8B heads: many query tiles per sequence (heaviest first), many KV
+    stages, tiles that end mid-sequence and diagonal tiles of every shape."""
+    gen = torch.Generator().manual_seed(7)
+    check_prefill_case(torch.bfloat16, head_size, 16, gen, [1500, 700, 333, 64], [700, 700, 1, 63], (32, 8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .loaders import QPB_CHOICES, QPB_TC, decode_tc_smem_bytes, get_loader
+from .loaders import QPB_CHOICES, QPB_TC, decode_tc_smem_bytes, get_loader, prefill_tc_smem_bytes
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_SIZES = (64, 80, 96, 128, 256)
@@ -27,6 +27,9 @@ CUDA_CORE_CTAS_PER_SM = 4
 MIN_PART_TOKENS = 256
 # Partition lengths of the tensor-core kernel are multiples of one 16-token tile.
 PART_ALIGN = 16
+# fp16/bf16 prefill runs on the tensor-core kernel where the GPU can run it; False
+# forces the CUDA-core kernel (benchmarks and tests compare the two).
+PREFILL_TENSOR_CORES = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,19 +37,28 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
-def _tc_ctas_per_sm(device_index: int, head_size: int) -> int:
-    """Resident tensor-core decode CTAs per SM; 0 where the kernel cannot run
-    (before sm_80, or its shared memory exceeds the per-block opt-in limit)."""
+def _resident_ctas(device_index: int, smem: int) -> int:
+    """CTAs of `smem` dynamic shared-memory bytes that fit one SM; 0 where the
+    tensor-core kernels cannot run (before sm_80, or over the per-block opt-in limit)."""
     p = torch.cuda.get_device_properties(device_index)
     if p.major < 8:
         return 0
-    smem = decode_tc_smem_bytes(head_size)
     per_block = getattr(p, "shared_memory_per_block_optin", 0) or (227 << 10 if p.major >= 9 else 99 << 10)
     per_sm = getattr(p, "shared_memory_per_multiprocessor", 0) or per_block + (1 << 10)
     if smem > per_block:
         return 0
     return max(1, min(4, per_sm // (smem + 1024)))  # 1 KiB per CTA is reserved by the driver
+
+
+@functools.lru_cache(maxsize=None)
+def _tc_ctas_per_sm(device_index: int, head_size: int) -> int:
+    """Resident tensor-core decode CTAs per SM; 0 where the kernel cannot run."""
+    return _resident_ctas(device_index, decode_tc_smem_bytes(head_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_tc_ok(device_index: int, head_size: int) -> bool:
+    return _resident_ctas(device_index, prefill_tc_smem_bytes(head_size)) > 0
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -220,6 +232,8 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    tc = (PREFILL_TENSOR_CORES and query.dtype != torch.float32
+          and _prefill_tc_ok(query.device.index, head_size))
     with torch.cuda.device(query.device):
         get_loader().prefill(
             dtype=DTYPE_CODES[query.dtype], head_size=head_size, out=out.data_ptr(),
@@ -228,7 +242,7 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
             bt_stride=block_tables.stride(0), query_start_loc=query_start_loc.contiguous().data_ptr(),
             context_lens=context_lens.contiguous().data_ptr(), num_seqs=num_seqs,
             num_tokens=num_tokens, num_heads=num_heads, num_kv_heads=key_cache.shape[1],
-            block_size=key_cache.shape[2], scale=float(scale), stream=_stream(query))
+            block_size=key_cache.shape[2], scale=float(scale), tensor_cores=tc, stream=_stream(query))
     return out
 
 

@@ -23,8 +23,9 @@ _forced: str | None = None
 _instances: dict[str, object] = {}
 
 # Shapes shared with the kernels (PrefillShape in prefill.cuh, TcShape in decode_tc.cuh,
-# GemvShape in gemv.cuh).
+# PrefillTcShape in prefill_tc.cuh, GemvShape in gemv.cuh).
 PREFILL_ROWS, PREFILL_KC = 16, 32
+PREFILL_TC_ROWS, PREFILL_TC_KC, PREFILL_TC_STAGES = 64, 64, 2
 GEMV_THREADS, GEMV_MAX_M = 128, 8
 DECODE_THREADS, QPB_CHOICES = 128, (1, 2, 4, 8)
 # qpb value that selects the tensor-core decode kernel (fp16/bf16, up to 16 query heads per CTA)
@@ -44,8 +45,20 @@ def decode_tc_smem_bytes(head_size: int) -> int:
     elements plus, per warp (4), `stages` tiles of 16 K rows and 16 V rows (padded
     by 8 elements only where the head size is not a power of 2: TcShape::RP)."""
     q_row = (head_size + 8) * 2
-    kv_row = head_size * 2 if head_size & (head_size - 1) == 0 else q_row
-    return 16 * q_row + 4 * decode_tc_stages(head_size) * 2 * 16 * kv_row + 128  # + alignment
+    return 16 * q_row + 4 * decode_tc_stages(head_size) * 2 * 16 * _tc_row_bytes(head_size) + 128  # + alignment
+
+
+def _tc_row_bytes(head_size: int) -> int:
+    """A K/V row in shared memory: padded by 16 bytes unless the head size is a
+    power of 2 (TileRows::RP in mma_tile.cuh)."""
+    return head_size * 2 if head_size & (head_size - 1) == 0 else (head_size + 8) * 2
+
+
+def prefill_tc_smem_bytes(head_size: int) -> int:
+    """Dynamic shared memory of paged_prefill_tc_kernel: `stages` chunks of KC K rows
+    and KC V rows, then 64 query rows padded by 8 elements."""
+    stages = PREFILL_TC_STAGES * 2 * PREFILL_TC_KC * _tc_row_bytes(head_size)
+    return stages + PREFILL_TC_ROWS * (head_size + 8) * 2 + 128  # + alignment
 
 
 def set_loader(name: str | None) -> None:
@@ -98,6 +111,11 @@ class CompiledLoader:
         self.gemv = _cuda.gemv
 
 
+# The headers of cuda/ in include order (each after those it includes).
+KERNEL_HEADERS = ("common.cuh", "cache_ops.cuh", "decode.cuh", "mma_tile.cuh", "decode_tc.cuh",
+                  "prefill.cuh", "prefill_tc.cuh", "layer_ops.cuh", "gemv.cuh")
+
+
 def kernel_source_dir() -> pathlib.Path:
     """The .cuh files: shipped inside the package, or cuda/ of a source tree."""
     here = pathlib.Path(__file__).resolve()
@@ -112,8 +130,7 @@ def kernel_source() -> str:
     CuPy's on-disk kernel cache keys on the real source text."""
     d = kernel_source_dir()
     parts = []
-    for name in ("common.cuh", "cache_ops.cuh", "decode.cuh", "decode_tc.cuh", "prefill.cuh",
-                 "layer_ops.cuh", "gemv.cuh"):
+    for name in KERNEL_HEADERS:
         text = (d / name).read_text()
         parts.append(re.sub(r'^#include ".*"$', "", text, flags=re.M))
     return "\n".join(parts)
@@ -150,6 +167,7 @@ class CupyLoader:
         names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>" for q in QPB_CHOICES]
         if dtype != 0:  # no fp32 tensor-core path
             names.append(f"ps::paged_decode_tc_kernel<{dtype},{head_size}>")
+            names.append(f"ps::paged_prefill_tc_kernel<{dtype},{head_size}>")
         names.append(f"ps::paged_prefill_kernel<{dtype},{head_size}>")
         return self._module((dtype, head_size), names).get_function(name)
 
@@ -192,18 +210,22 @@ class CupyLoader:
 
     def prefill(self, *, dtype, head_size, out, q, q_stride, key_cache, value_cache,
                 block_tables, bt_stride, query_start_loc, context_lens, num_seqs, num_tokens,
-                num_heads, num_kv_heads, block_size, scale, stream):
+                num_heads, num_kv_heads, block_size, scale, tensor_cores, stream):
         if num_tokens == 0:
             return
         if head_size not in (64, 80, 96, 128, 256):
             raise ValueError(f"head_size {head_size} is not supported")
+        if tensor_cores and dtype == 0:
+            raise ValueError(f"tensor_cores with dtype code {dtype} is not supported")
         bs_log2 = _log2(block_size, "block_size")
         group = num_heads // num_kv_heads
-        fn = self._attention_fn(dtype, head_size, f"ps::paged_prefill_kernel<{dtype},{head_size}>")
-        smem = prefill_smem_bytes(head_size)
+        kernel = "paged_prefill_tc_kernel" if tensor_cores else "paged_prefill_kernel"
+        fn = self._attention_fn(dtype, head_size, f"ps::{kernel}<{dtype},{head_size}>")
+        smem = prefill_tc_smem_bytes(head_size) if tensor_cores else prefill_smem_bytes(head_size)
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = smem
-        grid = (-(-num_tokens * group // PREFILL_ROWS) + num_seqs, num_kv_heads, 1)
+        rows = PREFILL_TC_ROWS if tensor_cores else PREFILL_ROWS
+        grid = (-(-num_tokens * group // rows) + num_seqs, num_kv_heads, 1)
         u, i32 = np.uint64, np.int32
         args = (u(out), u(q), np.int64(q_stride), u(key_cache), u(value_cache), u(block_tables),
                 i32(bt_stride), u(query_start_loc), u(context_lens), i32(num_seqs),
