@@ -176,9 +176,9 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     issue(it + STAGES - 1);
     const unsigned ks = wpipe + (it % STAGES) * STAGE_ELEMS * 2;
     const unsigned vs = ks + TILE * S::RP * 2;
-    float s[2][4];
+    float s[1][2][4];
     tile_scores<DT, D>(s, qf, ks, k_off);
-    unsigned pa[4];
+    unsigned pa[1][4];
     // finite maxima: the tile's first token is always in range
     acc.template update<DT>(s, first + it * STEP, t1, t1, qscale, lane, pa);
     acc.template add_pv<DT>(pa, vs, v_off);

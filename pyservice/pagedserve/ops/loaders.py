@@ -25,7 +25,7 @@ _instances: dict[str, object] = {}
 # Shapes shared with the kernels (PrefillShape in prefill.cuh, TcShape in decode_tc.cuh,
 # PrefillTcShape in prefill_tc.cuh, GemvShape in gemv.cuh).
 PREFILL_ROWS, PREFILL_KC = 16, 32
-PREFILL_TC_ROWS, PREFILL_TC_KC, PREFILL_TC_STAGES = 64, 64, 2
+PREFILL_TC_KC, PREFILL_TC_STAGES = 64, 2
 GEMV_THREADS, GEMV_MAX_M = 128, 8
 DECODE_THREADS, QPB_CHOICES = 128, (1, 2, 4, 8)
 # qpb value that selects the tensor-core decode kernel (fp16/bf16, up to 16 query heads per CTA)
@@ -54,11 +54,16 @@ def _tc_row_bytes(head_size: int) -> int:
     return head_size * 2 if head_size & (head_size - 1) == 0 else (head_size + 8) * 2
 
 
+def prefill_tc_rows(head_size: int) -> int:
+    """(token, query head) rows per CTA of paged_prefill_tc_kernel: 16 per warp, 4 warps."""
+    return 64
+
+
 def prefill_tc_smem_bytes(head_size: int) -> int:
     """Dynamic shared memory of paged_prefill_tc_kernel: `stages` chunks of KC K rows
-    and KC V rows, then 64 query rows padded by 8 elements."""
+    and KC V rows, then the query rows padded by 8 elements."""
     stages = PREFILL_TC_STAGES * 2 * PREFILL_TC_KC * _tc_row_bytes(head_size)
-    return stages + PREFILL_TC_ROWS * (head_size + 8) * 2 + 128  # + alignment
+    return stages + prefill_tc_rows(head_size) * (head_size + 8) * 2 + 128  # + alignment
 
 
 def set_loader(name: str | None) -> None:
@@ -224,7 +229,7 @@ class CupyLoader:
         smem = prefill_tc_smem_bytes(head_size) if tensor_cores else prefill_smem_bytes(head_size)
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = smem
-        rows = PREFILL_TC_ROWS if tensor_cores else PREFILL_ROWS
+        rows = prefill_tc_rows(head_size) if tensor_cores else PREFILL_ROWS
         grid = (-(-num_tokens * group // rows) + num_seqs, num_kv_heads, 1)
         u, i32 = np.uint64, np.int32
         args = (u(out), u(q), np.int64(q_stride), u(key_cache), u(value_cache), u(block_tables),
