@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     tile_scores<DT, D>(s, qf, ks, k_off);
     unsigned pa[1][4];
     // finite maxima: the tile's first token is always in range
-    acc.template update<DT>(s, first + it * STEP, t1, t1, qscale, lane, pa);
+    const int tb = first + it * STEP;
+    acc.template update<DT>(s, tb, tb + TILE > t1, t1, t1, qscale, lane, pa);
     acc.template add_pv<DT>(pa, vs, v_off);
   }
   cp_async_wait<0>();

@@ -205,30 +205,40 @@ struct SoftmaxRows {
     for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   }
 
-  // Folds in the scores s of tokens tb..tb+16 NS-1 (token t counts for row r0
-  // when t < lim0, for r0 + 8 when t < lim1) and returns P as the A fragments
-  // of the P V product. Each row must have a valid token in these or earlier
-  // tokens (m stays finite).
+  // Folds in the raw scores s (q . k) of tokens tb..tb+16 NS-1 and returns P as
+  // the A fragments of the P V product. With `mask`, token t counts for row r0
+  // only when t < lim0, for r0 + 8 when t < lim1; without, every token counts
+  // (the caller knows the chunk is inside every row's range). Each row must have
+  // a valid token in these or earlier tokens (m stays finite). m is kept in the
+  // scaled log2 domain, so P = exp2(s * qscale - m) is one fma and an exp2.
   template <int DT, int NS>
-  __device__ __forceinline__ void update(float (&s)[NS][2][4], int tb, int lim0, int lim1, float qscale,
-                                         int lane, unsigned (&pa)[NS][4]) {
+  __device__ __forceinline__ void update(float (&s)[NS][2][4], int tb, bool mask, int lim0, int lim1,
+                                         float qscale, int lane, unsigned (&pa)[NS][4]) {
+    if (mask) {
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int t = tb + 16 * j + 8 * h + 2 * (lane & 3) + (e & 1);
+            if (t >= (e < 2 ? lim0 : lim1)) s[j][h][e] = neg_inf();
+          }
+    }
     float mx0 = neg_inf(), mx1 = neg_inf();
 #pragma unroll
     for (int j = 0; j < NS; ++j)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int t = tb + 16 * j + 8 * h + 2 * (lane & 3) + (e & 1);
-          const bool valid = t < (e < 2 ? lim0 : lim1);
-          s[j][h][e] = valid ? s[j][h][e] * qscale : neg_inf();
-          if (e < 2) mx0 = fmaxf(mx0, s[j][h][e]);
-          else mx1 = fmaxf(mx1, s[j][h][e]);
-        }
+      for (int h = 0; h < 2; ++h) {
+        mx0 = fmaxf(mx0, fmaxf(s[j][h][0], s[j][h][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[j][h][2], s[j][h][3]));
+      }
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    mx0 *= qscale;  // qscale > 0: the max of the scaled scores
+    mx1 *= qscale;
     if (__any_sync(0xffffffffu, mx0 > m0 + RESCALE_SLACK || mx1 > m1 + RESCALE_SLACK)) {
       const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
       const float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
@@ -246,8 +256,8 @@ struct SoftmaxRows {
     for (int j = 0; j < NS; ++j) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        s[j][h][0] = exp2f(s[j][h][0] - m0); s[j][h][1] = exp2f(s[j][h][1] - m0);
-        s[j][h][2] = exp2f(s[j][h][2] - m1); s[j][h][3] = exp2f(s[j][h][3] - m1);
+        s[j][h][0] = exp2f(fmaf(s[j][h][0], qscale, -m0)); s[j][h][1] = exp2f(fmaf(s[j][h][1], qscale, -m0));
+        s[j][h][2] = exp2f(fmaf(s[j][h][2], qscale, -m1)); s[j][h][3] = exp2f(fmaf(s[j][h][3], qscale, -m1));
         l0 += s[j][h][0] + s[j][h][1];
         l1 += s[j][h][2] + s[j][h][3];
       }

@@ -142,6 +142,7 @@ __global__ void __launch_bounds__(128) paged_prefill_tc_kernel(
   auto limit = [&](int r) { return r < nrows ? pos0 + (row0 + r) / G + 1 : 1; };
   const int lim0 = limit(wrow + (lane >> 2)), lim1 = limit(wrow + (lane >> 2) + 8);
   const int warp_end = wrow < nrows ? limit(min(wrow + 15, nrows - 1)) : 0;
+  const int warp_first_end = wrow + 15 < nrows ? limit(wrow) : 1;  // the smallest limit of the warp
 
   const float qscale = scale * LOG2E;
   QFrags<D> qf;
@@ -162,7 +163,8 @@ __global__ void __launch_bounds__(128) paged_prefill_tc_kernel(
     tile_scores<DT, D>(s, qf, ks, k_off);
     unsigned pa[NS][4];
     // finite maxima: key 0 (the first chunk) counts for every row
-    acc.template update<DT>(s, st * KC, lim0, lim1, qscale, lane, pa);
+    // below the diagonal (every key counts for every row) no masking
+    acc.template update<DT>(s, st * KC, (st + 1) * KC > warp_first_end, lim0, lim1, qscale, lane, pa);
     acc.template add_pv<DT>(pa, vs, v_off);
   }
   cp_async_wait<0>();
