@@ -5,7 +5,9 @@ Llama-3-8B attention heads (32 query, 8 KV, head 128, bf16, block 16). For each
 batch x context shape: median kernel time over CUDA events, KV bytes read per
 second, that rate as a fraction of a device-to-device copy (read + write bytes
 per second), torch SDPA on the same KV laid out contiguously, and
-gather-then-SDPA on the paged copy. Swap: scattered blocks GPU <-> pinned CPU vs
+gather-then-SDPA on the paged copy; the paged kernel is also timed with each
+sequence's blocks in ascending adjacent ids ("in order"), to separate what the
+scattered ids cost from the rest. Swap: scattered blocks GPU <-> pinned CPU vs
 one plain pinned copy of the same bytes, for one layer and for a whole sequence
 across all 32 layers in one call.
 
@@ -102,6 +104,10 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
 
     out = torch.empty_like(q)
     t_paged = bench(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale, out=out), iters)
+    # the same bytes with each sequence's blocks in ascending, adjacent ids (as a fresh
+    # pool hands out a prompt's blocks): what the scattered ids themselves cost
+    in_order = torch.arange(b * nb, dtype=torch.int32, device="cuda").view(b, nb)
+    t_in_order = bench(lambda: ops.decode_attention(q, kc, vc, in_order, ctx, scale), iters)
     plan = _cuda_ops.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_ctas_per_sm(0, D))
 
     def gathered(cache):  # [B, HKV, L, D]
@@ -117,7 +123,7 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
         q4, gathered(kc), gathered(vc), scale=scale, enable_gqa=True), max(5, iters // 4), calls=2)
     return {
         "batch": b, "context": l, "kv_bytes": kv_bytes, "plan_qpb_part_nparts": list(plan),
-        "paged_s": t_paged, "paged_Bps": kv_bytes / t_paged,
+        "paged_s": t_paged, "paged_Bps": kv_bytes / t_paged, "paged_in_order_s": t_in_order,
         "sdpa_contiguous_s": t_sdpa, "sdpa_contiguous_Bps": kv_bytes / t_sdpa,
         "gather_sdpa_s": t_gather, "gather_sdpa_Bps": kv_bytes / t_gather,
         "max_abs_diff_vs_sdpa": err,
@@ -264,10 +270,13 @@ def main() -> None:
     tb = 1e12
     print(f"{result['env']['gpu']}  torch {torch.__version__}  loader {result['env']['loader']}")
     print(f"device copy (read+write): {result['copy_Bps'] / tb:.2f} TB/s")
-    print(f"{'B x L':>10} {'paged us':>9} {'TB/s':>6} {'%copy':>6} {'sdpa TB/s':>9} {'gather TB/s':>11} {'x gather':>8} {'plan':>16}")
+    print(f"{'B x L':>10} {'paged us':>9} {'TB/s':>6} {'%copy':>6} {'sdpa TB/s':>9} {'vs sdpa':>7} "
+          f"{'in order':>8} {'gather TB/s':>11} {'x gather':>8} {'plan':>16}")
     for r in result["decode"]:
         print(f"{r['batch']:>4} x {r['context']:<5}{r['paged_s'] * 1e6:9.1f} {r['paged_Bps'] / tb:6.2f} "
               f"{100 * r['paged_Bps'] / result['copy_Bps']:5.1f}% {r['sdpa_contiguous_Bps'] / tb:9.2f} "
+              f"{100 * r['sdpa_contiguous_s'] / r['paged_s']:6.1f}% "
+              f"{100 * r['sdpa_contiguous_s'] / r['paged_in_order_s']:7.1f}% "
               f"{r['gather_sdpa_Bps'] / tb:11.2f} {r['gather_sdpa_s'] / r['paged_s']:8.1f} "
               f"{str(tuple(r['plan_qpb_part_nparts'])):>16}")
     s = result["swap"]
