@@ -1,5 +1,5 @@
-"""CPU smoke runs of the GPU benchmarks benchmarks/latency.py and
-benchmarks/preemption_block_size.py: each script's main() in-process with tiny
+"""CPU smoke runs of the GPU benchmarks benchmarks/latency.py,
+benchmarks/preemption_block_size.py and benchmarks/prefill_engine.py: each script's main() in-process with tiny
 settings on the embedded model, then the JSON it wrote is checked for structure and
 for the relations its numbers must satisfy."""
 
@@ -24,6 +24,7 @@ def _load(name):
 
 latency = _load("latency")
 preemption = _load("preemption_block_size")
+prefill_engine = _load("prefill_engine")
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 TINY_WORKLOAD = ["--model", "default", "--device", "cpu", "--num-requests", "6", "--min-prompt", "8",
@@ -143,6 +144,25 @@ def test_preemption_block_size_cpu_smoke(tmp_path):
         assert list(r["swap"]) == ["auto"]
     if HAVE_MPL:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prefill_engine_cpu_smoke(tmp_path):
+    """Both workloads, both kernel settings: every prompt token is computed or cached,
+    and only the shared prefix's whole blocks come from the cache."""
+    out = tmp_path / "prefill_engine.json"
+    prefill_engine.main(["--model", "default", "--device", "cpu", "--long-requests", "2", "--long-tokens", "40",
+                         "--prefix-requests", "3", "--prefix-tokens", "40", "--suffix-tokens", "5",
+                         "--max-num-batched-tokens", "16", "--kv-cache-gb", "0.05", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["workload"], r["kernel"]) for r in rows] == [
+        ("long prompts", "tensor_cores"), ("long prompts", "cuda_cores"),
+        ("shared prefix", "tensor_cores"), ("shared prefix", "cuda_cores")]
+    for r in rows:
+        assert r["seconds"] > 0 and r["computed_tokens_per_s"] > 0
+        if r["workload"] == "long prompts":
+            assert (r["prompt_tokens"], r["cached_tokens"]) == (80, 0)
+        else:
+            assert (r["prompt_tokens"], r["cached_tokens"]) == (3 * 45, 3 * 32)  # 2 whole blocks of 16
 
 
 def test_preemption_block_size_rejects_bad_settings():
