@@ -19,8 +19,9 @@
 // shared memory KC = 64 tokens at a time by all 128 threads (16-byte cp.async
 // gathered through the block table, rows laid out as mma_tile.cuh says), in
 // two stages so the copies of the next chunk overlap the math on this one.
-// A warp skips the 16-token tiles past its last row's position (the causal
-// diagonal); rows keep their own limits inside the diagonal tiles.
+// A warp skips the chunks past its last row's position (the causal diagonal)
+// and the masking in chunks below its first row's; rows keep their own limits
+// inside the diagonal chunks.
 //
 // Tokens past the CTA's last position are zero-filled, never read. CTAs are
 // laid out sequence after sequence, the last (longest) tiles of a sequence
