@@ -162,11 +162,11 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     if (i < 16 * CPR) *reinterpret_cast<uint4 *>(qs + r * DP + c * 8) = qv[k];
   }
   __syncthreads();  // qs written
-  QFrags<D> qf;
-  qf.load(smem_addr(qs), lane);
+  QFrags<D> qf[1];
+  qf[0].load(smem_addr(qs), lane);
   const float qscale = scale * LOG2E;
-  SoftmaxRows<D> acc;
-  acc.init();
+  SoftmaxRows<D> acc[1];
+  acc[0].init();
   unsigned k_off[4], v_off[4];
   ldsm_offsets<D>(lane, k_off, v_off);
 
@@ -176,18 +176,18 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     issue(it + STAGES - 1);
     const unsigned ks = wpipe + (it % STAGES) * STAGE_ELEMS * 2;
     const unsigned vs = ks + TILE * S::RP * 2;
-    float s[1][2][4];
+    float s[1][1][2][4];
     tile_scores<DT, D>(s, qf, ks, k_off);
-    unsigned pa[1][4];
+    unsigned pa[1][1][4];
     // finite maxima: the tile's first token is always in range
     const int tb = first + it * STEP;
-    acc.template update<DT>(s, tb, tb + TILE > t1, t1, t1, qscale, lane, pa);
-    acc.template add_pv<DT>(pa, vs, v_off);
+    acc[0].template update<DT>(s[0], tb, tb + TILE > t1, t1, t1, qscale, lane, pa[0]);
+    tile_pv<DT, D>(acc, pa, vs, v_off);
   }
   cp_async_wait<0>();
-  acc.reduce_sums();
-  const float m0 = acc.m0, m1 = acc.m1, l0 = acc.l0, l1 = acc.l1;
-  const float(&o)[NTD][4] = acc.o;
+  acc[0].reduce_sums();
+  const float m0 = acc[0].m0, m1 = acc[0].m1, l0 = acc[0].l0, l1 = acc[0].l1;
+  const float(&o)[NTD][4] = acc[0].o;
 
   __syncthreads();  // every warp is done with its pipeline: reuse it for the merge
   float *sm_o = reinterpret_cast<float *>(pipe);  // [NWARPS][16][D]

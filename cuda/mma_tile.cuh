@@ -1,15 +1,15 @@
 // Tensor-core building blocks of the decode (decode_tc.cuh) and prefill
 // (prefill_tc.cuh) kernels, for fp16 and bf16 on sm_80 and up: 16-byte
 // cp.async, ldmatrix, mma.sync m16n8k16, the shared-memory layout of K/V rows,
-// and the math of one 16-token tile for a warp's 16 query rows (scores, online
-// softmax, P V).
+// and the attention math of a warp's 16-row query tiles over 16-key subtiles
+// (scores, online softmax, P V).
 //
-// Tile math. The 16 query rows of a warp are the M rows of the mma, tokens are
-// N and head_size is K for S = Q K^T; for O = P V tokens are K and head_size
-// is N. Softmax is online in the log2 domain (q pre-scaled by scale * log2 e)
-// with fp32 state; P is rounded to the input type for the P V product, as
-// FlashAttention does. A lane holds rows r0 = lane / 4 and r0 + 8 and the
-// token columns 2 * (lane % 4) + {0, 1} of each 8-token n-tile.
+// Tile math. The 16 rows of a query tile are the M rows of the mma, keys are
+// N and head_size is K for S = Q K^T; for O = P V keys are K and head_size is
+// N. Softmax is online in the log2 domain (the scale times log2 e folded into
+// the exp2 argument) with fp32 state; P is rounded to the input type for the
+// P V product, as FlashAttention does. A lane holds rows r0 = lane / 4 and
+// r0 + 8 and the key columns 2 * (lane % 4) + {0, 1} of each 8-key n-tile.
 //
 // Row layout. The copies of a warp are served whole only when the rows they
 // fill start on 128-byte boundaries of shared memory; a row that straddles
@@ -134,10 +134,11 @@ __device__ __forceinline__ void ldsm_offsets(int lane, unsigned (&k_off)[4], uns
   }
 }
 
-// Query A fragments are kept in registers up to head size 128, else re-read from shared memory.
-template <int D>
+// Query A fragments, kept in registers (by default up to head size 128) or re-read
+// from shared memory.
+template <int D, bool IN_REGS = (D <= 128)>
 struct QFrags {
-  enum { REG = D <= 128, N = REG ? D / 16 : 1 };
+  enum { REG = IN_REGS, N = REG ? D / 16 : 1 };
   unsigned a[N][4];
   unsigned addr;  // this lane's ldmatrix address in the padded [16][D + 8] query rows
 
@@ -161,35 +162,6 @@ constexpr float RESCALE_SLACK = 8.f;
 template <int D>
 __device__ __forceinline__ unsigned subtile_off(int j) {
   return (unsigned)(j * 16 * TileRows<D>::RP * 2);
-}
-
-// s[j] = Q K^T for NS subtiles of 16 keys, the K rows of subtile j starting at
-// shared byte address ks + subtile_off(j). The 2 * NS accumulators are
-// independent, so the mma of one k-step do not wait on each other.
-template <int DT, int D, int NS>
-__device__ __forceinline__ void tile_scores(float (&s)[NS][2][4], const QFrags<D> &q, unsigned ks,
-                                            const unsigned (&k_off)[4]) {
-#pragma unroll
-  for (int j = 0; j < NS; ++j)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) s[j][h][0] = s[j][h][1] = s[j][h][2] = s[j][h][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    unsigned a[4];
-    if (QFrags<D>::REG) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = q.a[QFrags<D>::REG ? kk : 0][i];
-    } else {
-      ldsm_x4(a, q.addr + kk * 32);
-    }
-#pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      unsigned b[4];
-      ldsm_x4(b, ks + subtile_off<D>(j) + k_off[kk & 3] + 32 * (kk & ~3));
-      mma16816<DT>(s[j][0], a, b[0], b[1]);
-      mma16816<DT>(s[j][1], a, b[2], b[3]);
-    }
-  }
 }
 
 // Online softmax state of a lane's two rows and their output accumulators.
@@ -269,21 +241,6 @@ struct SoftmaxRows {
     }
   }
 
-  // o += P V over NS subtiles, the V rows of subtile j starting at shared byte
-  // address vs + subtile_off(j).
-  template <int DT, int NS>
-  __device__ __forceinline__ void add_pv(const unsigned (&pa)[NS][4], unsigned vs, const unsigned (&v_off)[4]) {
-#pragma unroll
-    for (int j = 0; j < NS; ++j)
-#pragma unroll
-      for (int jd = 0; jd < D / 16; ++jd) {
-        unsigned b[4];
-        ldsm_x4_t(b, vs + subtile_off<D>(j) + v_off[jd & 3] + 32 * (jd & ~3));
-        mma16816<DT>(o[2 * jd], pa[j], b[0], b[1]);
-        mma16816<DT>(o[2 * jd + 1], pa[j], b[2], b[3]);
-      }
-  }
-
   // Row sums over the 4 lanes that share each row.
   __device__ __forceinline__ void reduce_sums() {
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -292,5 +249,62 @@ struct SoftmaxRows {
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   }
 };
+
+// s[m][j] = Q_m K_j^T for MT 16-row query tiles and NS subtiles of 16 keys, the K
+// rows of subtile j starting at shared byte address ks + subtile_off(j). Every K
+// fragment read from shared memory feeds the MT tiles, and the 2 * NS * MT
+// accumulators are independent, so the mma of one k-step do not wait on each other.
+template <int DT, int D, int NS, int MT, bool QR>
+__device__ __forceinline__ void tile_scores(float (&s)[MT][NS][2][4], const QFrags<D, QR> (&q)[MT], unsigned ks,
+                                            const unsigned (&k_off)[4]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NS; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) s[m][j][h][0] = s[m][j][h][1] = s[m][j][h][2] = s[m][j][h][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    unsigned a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (QR) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[m][i] = q[m].a[QR ? kk : 0][i];
+      } else {
+        ldsm_x4(a[m], q[m].addr + kk * 32);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      unsigned b[4];
+      ldsm_x4(b, ks + subtile_off<D>(j) + k_off[kk & 3] + 32 * (kk & ~3));
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma16816<DT>(s[m][j][0], a[m], b[0], b[1]);
+        mma16816<DT>(s[m][j][1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[m].o += P_m V over NS subtiles of 16 keys, the V rows of subtile j starting at
+// shared byte address vs + subtile_off(j); every V fragment feeds the MT tiles.
+template <int DT, int D, int NS, int MT>
+__device__ __forceinline__ void tile_pv(SoftmaxRows<D> (&acc)[MT], const unsigned (&pa)[MT][NS][4], unsigned vs,
+                                        const unsigned (&v_off)[4]) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j)
+#pragma unroll
+    for (int jd = 0; jd < D / 16; ++jd) {
+      unsigned b[4];
+      ldsm_x4_t(b, vs + subtile_off<D>(j) + v_off[jd & 3] + 32 * (jd & ~3));
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma16816<DT>(acc[m].o[2 * jd], pa[m][j], b[0], b[1]);
+        mma16816<DT>(acc[m].o[2 * jd + 1], pa[m][j], b[2], b[3]);
+      }
+    }
+}
 
 }  // namespace ps

@@ -8,20 +8,23 @@
 //
 // Why: the CUDA-core kernel spends an FMA per (row, key, dimension) twice over
 // and stalls on issue long before the tensor cores would. Here a CTA of 4
-// warps owns ROWS = 64 (token, query head) rows of one sequence and KV head,
-// taken in token-major order so the heads that share a KV head are served by
-// one K/V read (16 tokens of a 4-head group). Each warp holds 16 of the rows
-// as the M rows of the mma tile math (mma_tile.cuh) and scores a whole chunk
-// of KC = 64 keys at once: 8 independent accumulators per k-step, where 16
-// keys at a time left the mma waiting on each other (ncu: 'wait' and short-
-// scoreboard stalls dominated, 37% tensor-pipe activity against FlashAttention's
-// 56%), and one max/rescale per 64 keys instead of four. K/V are staged through
-// shared memory KC = 64 tokens at a time by all 128 threads (16-byte cp.async
-// gathered through the block table, rows laid out as mma_tile.cuh says), in
-// two stages so the copies of the next chunk overlap the math on this one.
-// A warp skips the chunks past its last row's position (the causal diagonal)
-// and the masking in chunks below its first row's; rows keep their own limits
-// inside the diagonal chunks.
+// warps owns ROWS (token, query head) rows of one sequence and KV head, taken
+// in token-major order so the heads that share a KV head are served by one K/V
+// read (32 tokens of a 4-head group at head 128). Each warp holds MT = 2 tiles
+// of 16 rows for the mma tile math (mma_tile.cuh): every K and V fragment it
+// reads from shared memory feeds both, and each chunk's copies and block-table
+// work are spread over twice the rows (head 256 keeps one tile: two output
+// accumulators would not fit the registers). A warp scores NS = 2 subtiles of
+// 16 keys for both tiles before their softmax: 8 independent accumulators per
+// k-step (16 keys for one tile at a time left the mma waiting on each other;
+// ncu: 'wait' and short-scoreboard stalls, 37% tensor-pipe activity against
+// FlashAttention-2's 56%). benchmarks/prefill.py measures the shapes against
+// FlashAttention-2 (docs/kernels.md). K/V are staged through shared memory
+// KC = 64 tokens at a time by all 128 threads (16-byte cp.async gathered
+// through the block table, rows laid out as mma_tile.cuh says), in two stages
+// so the copies of the next chunk overlap the math on this one. A warp skips
+// the keys past its last row's position (the causal diagonal) and the masking
+// below its first row's; rows keep their own limits on the diagonal.
 //
 // Tokens past the CTA's last position are zero-filled, never read. CTAs are
 // laid out sequence after sequence, the last (longest) tiles of a sequence
@@ -36,7 +39,9 @@ struct PrefillTcShape : TileRows<D> {
   typedef TileRows<D> R;
   enum {
     NWARPS = 4,
-    ROWS = 16 * NWARPS,            // (token, query head) rows per CTA
+    MT = D <= 128 ? 2 : 1,         // 16-row query tiles per warp
+    NS = D <= 128 ? 2 : 4,         // 16-key subtiles per score step
+    ROWS = 16 * MT * NWARPS,       // (token, query head) rows per CTA
     KC = 64,                       // KV tokens per stage
     STAGES = 2,
     STAGE_ELEMS = 2 * KC * R::RP,  // K rows then V rows
@@ -61,7 +66,7 @@ __global__ void __launch_bounds__(128) paged_prefill_tc_kernel(
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   typedef typename Elem<DT>::T T;
   typedef PrefillTcShape<D> S;
-  enum { ROWS = S::ROWS, KC = S::KC, NS = KC / 16, STAGES = S::STAGES, CPR = S::CPR, DP = S::DP,
+  enum { ROWS = S::ROWS, MT = S::MT, NS = S::NS, KC = S::KC, STAGES = S::STAGES, CPR = S::CPR, DP = S::DP,
          NTD = S::NTD, STAGE_ELEMS = S::STAGE_ELEMS, NTHREADS = S::NWARPS * 32 };
   extern __shared__ uint4 tc_smem[];
   u16 *pipe = reinterpret_cast<u16 *>(align128(tc_smem));  // [STAGES][K rows, V rows]
@@ -136,53 +141,74 @@ __global__ void __launch_bounds__(128) paged_prefill_tc_kernel(
   fetch_blk(0);
   issue(0);
 
-  // This lane's rows r0 = lane / 4 and r0 + 8 of the warp: key t counts for a
-  // row while t < its limit (position + 1); rows past the sequence take key 0
-  // alone and are never stored. The warp stops after its last row's limit.
-  const int wrow = warp * 16;
+  // This lane's rows of query tile m of the warp: r0 = lane / 4 and r0 + 8. Key
+  // t counts for a row while t < its limit (position + 1); rows past the
+  // sequence take key 0 alone and are never stored. The warp stops after its
+  // last row's limit.
+  const int wrow = warp * 16 * MT;
   auto limit = [&](int r) { return r < nrows ? pos0 + (row0 + r) / G + 1 : 1; };
-  const int lim0 = limit(wrow + (lane >> 2)), lim1 = limit(wrow + (lane >> 2) + 8);
-  const int warp_end = wrow < nrows ? limit(min(wrow + 15, nrows - 1)) : 0;
-  const int warp_first_end = wrow + 15 < nrows ? limit(wrow) : 1;  // the smallest limit of the warp
+  int lim[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    lim[m][0] = limit(wrow + 16 * m + (lane >> 2));
+    lim[m][1] = limit(wrow + 16 * m + (lane >> 2) + 8);
+  }
+  const int warp_end = wrow < nrows ? limit(min(wrow + 16 * MT - 1, nrows - 1)) : 0;
+  const int warp_first_end = wrow + 16 * MT - 1 < nrows ? limit(wrow) : 1;  // the smallest limit of the warp
 
   const float qscale = scale * LOG2E;
-  QFrags<D> qf;
-  SoftmaxRows<D> acc;
-  acc.init();
+  QFrags<D, MT == 1 && D <= 128> qf[MT];  // two tiles' query fragments would not fit the registers
+  SoftmaxRows<D> acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m].init();
   unsigned k_off[4], v_off[4];
   ldsm_offsets<D>(lane, k_off, v_off);
 
   for (int st = 0; st < nstages; ++st) {
     cp_async_wait<0>();
     __syncthreads();  // chunk st (and the query rows) landed for every thread; chunk st-1 is free
-    if (st == 0) qf.load(smem_addr(qs + wrow * DP), lane);
+    if (st == 0) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) qf[m].load(smem_addr(qs + (wrow + 16 * m) * DP), lane);
+    }
     issue(st + 1);
-    if (st * KC >= warp_end) continue;  // past the warp's diagonal (warp-uniform)
-    const unsigned ks = smem_addr(pipe + (st % STAGES) * STAGE_ELEMS);
-    const unsigned vs = ks + KC * S::RP * 2;
-    float s[NS][2][4];
-    tile_scores<DT, D>(s, qf, ks, k_off);
-    unsigned pa[NS][4];
-    // finite maxima: key 0 (the first chunk) counts for every row
-    // below the diagonal (every key counts for every row) no masking
-    acc.template update<DT>(s, st * KC, (st + 1) * KC > warp_first_end, lim0, lim1, qscale, lane, pa);
-    acc.template add_pv<DT>(pa, vs, v_off);
+#pragma unroll
+    for (int part = 0; part < KC / (16 * NS); ++part) {
+      const int tb = st * KC + part * 16 * NS;
+      if (tb >= warp_end) break;  // past the warp's diagonal (warp-uniform)
+      const unsigned ks = smem_addr(pipe + (st % STAGES) * STAGE_ELEMS) + subtile_off<D>(part * NS);
+      const unsigned vs = ks + KC * S::RP * 2;
+      float s[MT][NS][2][4];
+      tile_scores<DT, D>(s, qf, ks, k_off);
+      unsigned pa[MT][NS][4];
+      // finite maxima: key 0 (the first chunk) counts for every row; below the
+      // diagonal (every key counts for every row of the warp) no masking
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        acc[m].template update<DT>(s[m], tb, tb + 16 * NS > warp_first_end, lim[m][0], lim[m][1], qscale, lane,
+                                   pa[m]);
+      tile_pv<DT, D>(acc, pa, vs, v_off);
+    }
   }
   cp_async_wait<0>();
-  acc.reduce_sums();
 
   // Each row's output straight from the accumulators: columns 8 j + 2 (lane % 4) + {0, 1}.
   const int c0 = 2 * (lane & 3);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = wrow + (lane >> 2) + 8 * h;
-    if (r >= nrows) continue;
-    const int g = row0 + r;
-    T *dst = out + ((i64)(q0 + g / G) * num_heads + kvh * G + g % G) * D + c0;
-    const float inv = 1.f / (h ? acc.l1 : acc.l0);
+  for (int m = 0; m < MT; ++m) {
+    acc[m].reduce_sums();
 #pragma unroll
-    for (int j = 0; j < NTD; ++j)
-      *reinterpret_cast<unsigned *>(dst + 8 * j) = pack2<DT>(acc.o[j][2 * h] * inv, acc.o[j][2 * h + 1] * inv);
+    for (int h = 0; h < 2; ++h) {
+      const int r = wrow + 16 * m + (lane >> 2) + 8 * h;
+      if (r >= nrows) continue;
+      const int g = row0 + r;
+      T *dst = out + ((i64)(q0 + g / G) * num_heads + kvh * G + g % G) * D + c0;
+      const float inv = 1.f / (h ? acc[m].l1 : acc[m].l0);
+#pragma unroll
+      for (int j = 0; j < NTD; ++j)
+        *reinterpret_cast<unsigned *>(dst + 8 * j) =
+            pack2<DT>(acc[m].o[j][2 * h] * inv, acc[m].o[j][2 * h + 1] * inv);
+    }
   }
 #endif
 }

@@ -55,8 +55,9 @@ def _tc_row_bytes(head_size: int) -> int:
 
 
 def prefill_tc_rows(head_size: int) -> int:
-    """(token, query head) rows per CTA of paged_prefill_tc_kernel: 16 per warp, 4 warps."""
-    return 64
+    """(token, query head) rows per CTA of paged_prefill_tc_kernel: 4 warps of two
+    16-row tiles up to head size 128, of one at 256 (PrefillTcShape::MT)."""
+    return 128 if head_size <= 128 else 64
 
 
 def prefill_tc_smem_bytes(head_size: int) -> int:
