@@ -199,4 +199,22 @@ __device__ __noinline__ void split_kv_finish(typename Elem<DT>::T *out, const fl
   }
 }
 
+// The (sequence, tile) of CTA `cta` in a varlen prefill launch whose tiles of
+// `rows` (token, query head) rows are laid out sequence after sequence, with
+// `group` query heads per token; seq is -1 past the last tile (the grid is an
+// upper bound, found without a host sync). n: the sequence's new tokens.
+struct PrefillTile {
+  int seq, tile, tiles, n;
+};
+__device__ __forceinline__ PrefillTile find_prefill_tile(int cta, const int *query_start_loc, int num_seqs,
+                                                         int group, int rows) {
+  for (int s = 0; s < num_seqs; ++s) {
+    const int n = query_start_loc[s + 1] - query_start_loc[s];
+    const int nt = (n * group + rows - 1) / rows;
+    if (cta < nt) return PrefillTile{s, cta, nt, n};
+    cta -= nt;
+  }
+  return PrefillTile{-1, 0, 0, 0};
+}
+
 }  // namespace ps

@@ -46,15 +46,9 @@ __global__ void __launch_bounds__(128) paged_prefill_kernel(
 
   const int G = num_heads / num_kv_heads;
   const int kvh = blockIdx.y;
-  // Find this CTA's (sequence, tile): tiles are laid out sequence after sequence.
-  int tile = blockIdx.x, seq = -1, n = 0;
-  for (int s = 0; s < num_seqs; ++s) {
-    n = query_start_loc[s + 1] - query_start_loc[s];
-    const int nt = (n * G + ROWS - 1) / ROWS;
-    if (tile < nt) { seq = s; break; }
-    tile -= nt;
-  }
-  if (seq < 0) return;  // the grid is an upper bound on the number of tiles
+  const PrefillTile pt = find_prefill_tile(blockIdx.x, query_start_loc, num_seqs, G, ROWS);
+  if (pt.seq < 0) return;
+  const int seq = pt.seq, tile = pt.tile, n = pt.n;
   const int ctx = context_lens[seq];
   const int q0 = query_start_loc[seq];
   const int first = tile * ROWS;

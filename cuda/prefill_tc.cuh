@@ -74,19 +74,10 @@ __global__ void __launch_bounds__(128) paged_prefill_tc_kernel(
 
   const int G = num_heads / num_kv_heads;
   const int kvh = blockIdx.y;
-  // Find this CTA's (sequence, tile): tiles are laid out sequence after sequence.
-  int tile = blockIdx.x, seq = -1, n = 0;
-  for (int s = 0; s < num_seqs; ++s) {
-    n = query_start_loc[s + 1] - query_start_loc[s];
-    const int nt = (n * G + ROWS - 1) / ROWS;
-    if (tile < nt) {
-      seq = s;
-      tile = nt - 1 - tile;  // the longest tile first
-      break;
-    }
-    tile -= nt;
-  }
-  if (seq < 0) return;  // the grid is an upper bound on the number of tiles
+  const PrefillTile pt = find_prefill_tile(blockIdx.x, query_start_loc, num_seqs, G, ROWS);
+  if (pt.seq < 0) return;
+  const int seq = pt.seq, n = pt.n;
+  const int tile = pt.tiles - 1 - pt.tile;  // the last (longest) tile of a sequence first
   const int q0 = query_start_loc[seq];
   const int pos0 = context_lens[seq] - n;  // position of the first new token
   const int row0 = tile * ROWS;            // rows row0.. of the sequence: token r / G, head r % G
