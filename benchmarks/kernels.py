@@ -108,7 +108,14 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     # pool hands out a prompt's blocks): what the scattered ids themselves cost
     in_order = torch.arange(b * nb, dtype=torch.int32, device="cuda").view(b, nb)
     t_in_order = bench(lambda: ops.decode_attention(q, kc, vc, in_order, ctx, scale), iters)
-    plan = _cuda_ops.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_ctas_per_sm(0, D))
+    plan = _cuda_ops.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_fit(0, D), D)
+    by_stages = {}  # both pipeline depths, to check the planner's choice (plan[3])
+    for stages in (2, 3):
+        _cuda_ops.DECODE_TC_STAGES = stages
+        try:
+            by_stages[str(stages)] = bench(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale), iters)
+        finally:
+            _cuda_ops.DECODE_TC_STAGES = None
 
     def gathered(cache):  # [B, HKV, L, D]
         return cache[bt.long()].permute(0, 2, 1, 3, 4).reshape(b, HKV, l, D)
@@ -122,8 +129,9 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     t_gather = bench(lambda: F.scaled_dot_product_attention(
         q4, gathered(kc), gathered(vc), scale=scale, enable_gqa=True), max(5, iters // 4), calls=2)
     return {
-        "batch": b, "context": l, "kv_bytes": kv_bytes, "plan_qpb_part_nparts": list(plan),
-        "paged_s": t_paged, "paged_Bps": kv_bytes / t_paged, "paged_in_order_s": t_in_order,
+        "batch": b, "context": l, "kv_bytes": kv_bytes, "plan_qpb_part_nparts_stages": list(plan),
+        "paged_s": t_paged, "paged_s_by_stages": by_stages, "paged_Bps": kv_bytes / t_paged,
+        "paged_in_order_s": t_in_order,
         "sdpa_contiguous_s": t_sdpa, "sdpa_contiguous_Bps": kv_bytes / t_sdpa,
         "gather_sdpa_s": t_gather, "gather_sdpa_Bps": kv_bytes / t_gather,
         "max_abs_diff_vs_sdpa": err,
@@ -221,6 +229,11 @@ def long_context_variants(iters: int, gen: torch.Generator) -> list[dict]:
     return rows
 
 
+# Batches between one CTA per SM and one resident wave of the shallow pipeline, where
+# the planner's choice of pipeline depth changes (decode_plan's stages).
+STAGE_SHAPES = [(16, 1024), (24, 1024), (40, 1024), (48, 1024), (32, 2048)]
+
+
 def environment() -> dict:
     p = torch.cuda.get_device_properties(0)
     env = {"gpu": p.name, "sms": p.multi_processor_count, "torch": torch.__version__,
@@ -260,7 +273,10 @@ def main() -> None:
         result["decode"].append(decode_case(b, l, args.iters, gen))
         torch.cuda.empty_cache()
     result["decode_variants"] = long_context_variants(args.iters, gen)
-    torch.cuda.empty_cache()
+    result["decode_stage_shapes"] = []
+    for b, l in STAGE_SHAPES:
+        result["decode_stage_shapes"].append(decode_case(b, l, args.iters, gen))
+        torch.cuda.empty_cache()
     result["swap"] = swap_case(args.iters, gen)
     torch.cuda.empty_cache()
     result["swap_all_layers"] = swap_layers_case(args.iters)
@@ -271,14 +287,16 @@ def main() -> None:
     print(f"{result['env']['gpu']}  torch {torch.__version__}  loader {result['env']['loader']}")
     print(f"device copy (read+write): {result['copy_Bps'] / tb:.2f} TB/s")
     print(f"{'B x L':>10} {'paged us':>9} {'TB/s':>6} {'%copy':>6} {'sdpa TB/s':>9} {'vs sdpa':>7} "
-          f"{'in order':>8} {'gather TB/s':>11} {'x gather':>8} {'plan':>16}")
-    for r in result["decode"]:
+          f"{'in order':>8} {'2 stages':>8} {'3 stages':>8} {'gather TB/s':>11} {'x gather':>8} {'plan':>19}")
+    for r in result["decode"] + result["decode_stage_shapes"]:
         print(f"{r['batch']:>4} x {r['context']:<5}{r['paged_s'] * 1e6:9.1f} {r['paged_Bps'] / tb:6.2f} "
               f"{100 * r['paged_Bps'] / result['copy_Bps']:5.1f}% {r['sdpa_contiguous_Bps'] / tb:9.2f} "
               f"{100 * r['sdpa_contiguous_s'] / r['paged_s']:6.1f}% "
               f"{100 * r['sdpa_contiguous_s'] / r['paged_in_order_s']:7.1f}% "
+              f"{100 * r['sdpa_contiguous_s'] / r['paged_s_by_stages']['2']:7.1f}% "
+              f"{100 * r['sdpa_contiguous_s'] / r['paged_s_by_stages']['3']:7.1f}% "
               f"{r['gather_sdpa_Bps'] / tb:11.2f} {r['gather_sdpa_s'] / r['paged_s']:8.1f} "
-              f"{str(tuple(r['plan_qpb_part_nparts'])):>16}")
+              f"{str(tuple(r['plan_qpb_part_nparts_stages'])):>19}")
     s = result["swap"]
     gb = 1e9
     print(f"swap {s['blocks']} scattered blocks ({s['bytes'] / 2**20:.0f} MiB): plain pinned d2h "
@@ -290,7 +308,7 @@ def main() -> None:
     print(f"  contiguous run, default: out {s['default_out_contiguous_Bps'] / gb:.1f} GB/s")
     for r in result["decode_variants"]:
         print(f"{r['batch']} x {r['context']} forced plan {tuple(r['forced_plan'])}: {r['paged_s'] * 1e6:.1f} us "
-              f"{r['paged_Bps'] / tb:.2f} TB/s plan {tuple(r['plan_qpb_part_nparts'])} "
+              f"{r['paged_Bps'] / tb:.2f} TB/s plan {tuple(r['plan_qpb_part_nparts_stages'])} "
               f"(sdpa {r['sdpa_contiguous_Bps'] / tb:.2f})")
     a = result["swap_all_layers"]
     print(f"swap all {a['layers']} layers ({a['caches']} caches x {a['blocks_per_cache']} blocks, "

@@ -10,9 +10,9 @@
 // heads, partition). The query heads of the group fill the 16 query rows of
 // the tile math (mma_tile.cuh; rows past the group are zero). Each warp owns
 // every 4th 16-token tile of the CTA's token range and runs its own cp.async
-// pipeline of STAGES tiles in shared memory (16-byte copies, one row of K and
+// pipeline of ST tiles in shared memory (16-byte copies, one row of K and
 // V per token, gathered through the block table, laid out as mma_tile.cuh
-// says), so STAGES-1 tiles per warp are in flight while it computes one; warps
+// says), so ST-1 tiles per warp are in flight while it computes one; warps
 // never wait on each other until the final merge.
 //
 // Tokens past the context are zero-filled (cp.async with source size 0), never
@@ -21,30 +21,37 @@
 #pragma once
 #include "mma_tile.cuh"
 
-// Pipeline depth in 16-token tiles per warp (head 256 uses 2 so it fits 164 KiB
-// of shared memory); must match decode_tc_stages in ops/loaders.py.
-#ifndef PS_TC_STAGES
-#define PS_TC_STAGES 3
-#endif
-
 namespace ps {
 
+// Pipeline depth in 16-token tiles per warp, chosen per launch by the planner
+// (decode_plan in ops/_cuda_ops.py): 3 keeps two tiles per warp in flight, which a
+// grid of about one CTA per SM needs to keep HBM busy; 2 halves that and the
+// shared memory, so one more CTA fits per SM, and wins where the whole grid is
+// resident at once with bytes enough in flight (docs/kernels.md). Head 256 fits
+// only 2 in 227 KiB of shared memory. Mirrored by decode_tc_max_stages and
+// decode_tc_smem_bytes in ops/loaders.py.
 template <int D>
+struct TcMaxStages {
+  enum { VALUE = D >= 256 ? 2 : 3 };
+};
+
+template <int D, int ST>
 struct TcShape : TileRows<D> {
   typedef TileRows<D> R;
   enum {
     NWARPS = 4,
     TILE = 16,                      // tokens per warp tile (one mma K of P V)
-    STAGES = D >= 256 ? 2 : PS_TC_STAGES,  // 3 keeps two CTAs per SM at head 128
+    STAGES = ST,
     STAGE_ELEMS = 2 * TILE * R::RP,  // K rows then V rows
     PIPE_BYTES = NWARPS * STAGES * STAGE_ELEMS * 2,
     SMEM_BYTES = 16 * R::DP * 2 + PIPE_BYTES + 128,  // must match decode_tc_smem_bytes in ops/loaders.py
   };
+  static_assert(ST >= 2 && ST <= TcMaxStages<D>::VALUE, "pipeline depth out of range");
   static_assert((TILE * R::CPR) % 32 == 0, "a tile must split evenly over the lanes");
   static_assert((NWARPS * 16 * D + NWARPS * 32) * 4 <= PIPE_BYTES, "merge area must fit the pipeline");
 };
 
-template <int DT, int D>
+template <int DT, int D, int ST>
 __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
     typename Elem<DT>::T *__restrict__ out,      // [S, H, D]      (nparts == 1)
     float *__restrict__ part_out,                // [S, H, P, D]   (nparts > 1)
@@ -60,7 +67,7 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   typedef Elem<DT> E;
   typedef typename E::T T;
-  typedef TcShape<D> S;
+  typedef TcShape<D, ST> S;
   enum { NWARPS = S::NWARPS, TILE = S::TILE, STAGES = S::STAGES, DP = S::DP, CPR = S::CPR,
          NTD = S::NTD, STAGE_ELEMS = S::STAGE_ELEMS };
   extern __shared__ uint4 tc_smem[];

@@ -33,23 +33,31 @@ void decode_dtype(const DecodeArgs &a) {
       if constexpr (DT == ps::DT_F32) {
         unsupported("qpb 16 (tensor cores) with dtype code", DT);
       } else {
-        constexpr int smem = ps::TcShape<D>::SMEM_BYTES;
-        auto kernel = ps::paged_decode_tc_kernel<DT, D>;
-        if (smem > 48 * 1024) {
-          const cudaError_t err =
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-          if (err != cudaSuccess)
-            throw std::runtime_error(std::string("decode smem: ") + cudaGetErrorString(err));
+        auto tc = [&](auto sc) {
+          constexpr int ST = decltype(sc)::value;
+          constexpr int smem = ps::TcShape<D, ST>::SMEM_BYTES;
+          auto kernel = ps::paged_decode_tc_kernel<DT, D, ST>;
+          if (smem > 48 * 1024) {
+            const cudaError_t err =
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+            if (err != cudaSuccess)
+              throw std::runtime_error(std::string("decode smem: ") + cudaGetErrorString(err));
+          }
+          const dim3 grid(a.num_kv_heads * ((G + 15) / 16), a.num_seqs, a.nparts);
+          kernel<<<grid, 128, smem, stream>>>(
+              reinterpret_cast<T *>(a.out), reinterpret_cast<float *>(a.part_out),
+              reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
+              reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
+              reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
+              reinterpret_cast<const int *>(a.context_lens),
+              reinterpret_cast<unsigned *>(a.split_counters), a.num_heads, a.num_kv_heads,
+              bs_log2, a.scale, a.part_tokens);
+        };
+        if (a.stages == 2) return tc(std::integral_constant<int, 2>());
+        if constexpr (ps::TcMaxStages<D>::VALUE >= 3) {
+          if (a.stages == 3) return tc(std::integral_constant<int, 3>());
         }
-        const dim3 grid(a.num_kv_heads * ((G + 15) / 16), a.num_seqs, a.nparts);
-        kernel<<<grid, 128, smem, stream>>>(
-            reinterpret_cast<T *>(a.out), reinterpret_cast<float *>(a.part_out),
-            reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
-            reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
-            reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
-            reinterpret_cast<const int *>(a.context_lens),
-            reinterpret_cast<unsigned *>(a.split_counters), a.num_heads, a.num_kv_heads, bs_log2,
-            a.scale, a.part_tokens);
+        unsupported("stages (2, or 3 below head size 256)", a.stages);
       }
       return;
     }

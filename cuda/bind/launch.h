@@ -12,6 +12,7 @@ using ptr = std::uintptr_t;
 
 struct DecodeArgs {
   int dtype, head_size, qpb;
+  int stages;  // tensor-core pipeline depth (qpb 16): 2, or 3 below head size 256
   ptr out, part_out, part_ml, q;
   std::int64_t q_stride;
   ptr key_cache, value_cache, block_tables;

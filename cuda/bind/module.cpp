@@ -12,17 +12,17 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "Paged-attention and KV-cache CUDA kernels (raw-pointer launchers)";
 
   m.def("decode",
-        [](int dtype, int head_size, int qpb, ptr out, ptr part_out, ptr part_ml, ptr q,
+        [](int dtype, int head_size, int qpb, int stages, ptr out, ptr part_out, ptr part_ml, ptr q,
            std::int64_t q_stride, ptr key_cache, ptr value_cache, ptr block_tables, int bt_stride,
            ptr context_lens, ptr split_counters, int num_seqs, int num_heads, int num_kv_heads,
            int block_size, float scale, int part_tokens, int nparts, ptr stream) {
-          decode(DecodeArgs{dtype, head_size, qpb, out, part_out, part_ml, q, q_stride, key_cache,
-                            value_cache, block_tables, bt_stride, context_lens, split_counters,
-                            num_seqs, num_heads, num_kv_heads, block_size, scale, part_tokens,
-                            nparts, stream});
+          decode(DecodeArgs{dtype, head_size, qpb, stages, out, part_out, part_ml, q, q_stride,
+                            key_cache, value_cache, block_tables, bt_stride, context_lens,
+                            split_counters, num_seqs, num_heads, num_kv_heads, block_size, scale,
+                            part_tokens, nparts, stream});
         },
-        py::arg("dtype"), py::arg("head_size"), py::arg("qpb"), py::arg("out"), py::arg("part_out"),
-        py::arg("part_ml"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
+        py::arg("dtype"), py::arg("head_size"), py::arg("qpb"), py::arg("stages"), py::arg("out"),
+        py::arg("part_out"), py::arg("part_ml"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
         py::arg("context_lens"), py::arg("split_counters"), py::arg("num_seqs"),
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"), py::arg("scale"),

@@ -63,15 +63,18 @@ def paged_kv(lens, bs, hkv, d, dtype, gen):
     return kc, vc, bt
 
 
-def run_decode(q, kc, vc, bt, ctx, scale, split):
+def run_decode(q, kc, vc, bt, ctx, scale, split, stages=None):
+    """One decode, split-KV forced on or off; `stages` forces the tensor-core kernel's
+    pipeline depth (clamped to what the head size fits)."""
     dev = "cuda"
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=dev)
-    old = _cuda_ops.TARGET_CTAS_PER_SM
+    old = _cuda_ops.TARGET_CTAS_PER_SM, _cuda_ops.DECODE_TC_STAGES
     _cuda_ops.TARGET_CTAS_PER_SM = 1 << 20 if split else 0  # force the split / the single pass
+    _cuda_ops.DECODE_TC_STAGES = stages
     try:
         ops.decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), ctx.to(dev), scale, out=out)
     finally:
-        _cuda_ops.TARGET_CTAS_PER_SM = old
+        _cuda_ops.TARGET_CTAS_PER_SM, _cuda_ops.DECODE_TC_STAGES = old
     torch.cuda.synchronize()
     return out
 
@@ -89,9 +92,10 @@ def test_decode(loader, dtype, block_size, head_size):
     scale = head_size ** -0.5
     want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, scale)
     for split in (False, True):
-        got = run_decode(q, kc, vc, bt, ctx, scale, split)
-        assert not torch.isnan(got).any(), f"unwritten or NaN output (split={split})"
-        assert rel_err(got, want) < TOL[dtype], f"split={split}: rel err {rel_err(got, want)}"
+        for stages in (2, 3):  # both pipeline depths (one kernel for fp32 and at head 256)
+            got = run_decode(q, kc, vc, bt, ctx, scale, split, stages)
+            assert not torch.isnan(got).any(), f"unwritten or NaN output (split={split}, stages={stages})"
+            assert rel_err(got, want) < TOL[dtype], f"split={split} stages={stages}: rel err {rel_err(got, want)}"
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (16, 1), (32, 8)], ids=str)
@@ -104,9 +108,10 @@ def test_decode_gqa_mqa(loader, heads):
     ctx = torch.tensor(lens, dtype=torch.int32)
     want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 0.09)
     for split in (False, True):
-        got = run_decode(q, kc, vc, bt, ctx, 0.09, split)
-        assert not torch.isnan(got).any()
-        assert rel_err(got, want) < 1e-2
+        for stages in (2, 3):
+            got = run_decode(q, kc, vc, bt, ctx, 0.09, split, stages)
+            assert not torch.isnan(got).any()
+            assert rel_err(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -100,9 +100,9 @@ class DecodeGraphs:
 
         num_heads, num_kv_heads, head_dim, dtype = self._heads
         dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        tc = co._tc_ctas_per_sm(dev, head_dim) if dtype != torch.float32 else 0
+        tc = co._tc_fit(dev, head_dim) if dtype != torch.float32 else co.NO_TC
         return co.decode_plan(batch, num_heads, num_kv_heads, width * self.bs,
-                              co._num_sms(dev), tc)[2] > 1
+                              co._num_sms(dev), tc, head_dim)[2] > 1
 
     def width_classes(self, batch: int) -> list[int]:
         """Table widths (blocks) captured for a bucket, ascending; the last is full."""

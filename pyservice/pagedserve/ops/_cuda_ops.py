@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .loaders import QPB_CHOICES, QPB_TC, decode_tc_smem_bytes, get_loader, prefill_tc_smem_bytes
+from .loaders import (QPB_CHOICES, QPB_TC, decode_tc_max_stages, decode_tc_smem_bytes, get_loader,
+                      prefill_tc_smem_bytes)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_SIZES = (64, 80, 96, 128, 256)
@@ -27,6 +28,19 @@ CUDA_CORE_CTAS_PER_SM = 4
 MIN_PART_TOKENS = 256
 # Partition lengths of the tensor-core kernel are multiples of one 16-token tile.
 PART_ALIGN = 16
+# Pipeline depth of the tensor-core decode kernel (TcShape in cuda/decode_tc.cuh). The
+# deep one (3 tiles per warp, 2 in flight) is what a grid of about one CTA per SM needs
+# to keep HBM busy. The shallow one (2 tiles, 1 in flight, a third less shared memory:
+# 3 CTAs per SM at head 128 instead of 2) wins where the whole grid is resident at once
+# and its copies in flight still total SHALLOW_MIN_INFLIGHT bytes: a deeper queue then
+# only lets some SMs draw more of HBM than others, and the launch waits for the slowest
+# (H100, docs/kernels.md: 192-384 CTAs of 1024-2048 tokens 1-5% faster; 128 CTAs, 4 MiB
+# in flight, 4% slower; 512 CTAs, past one resident wave, 1-2% slower). None: that
+# choice; tests force 2 or 3.
+DECODE_TC_STAGES: int | None = None
+SHALLOW_MIN_INFLIGHT = 6 << 20
+# Registers (163-168 per thread, 128 threads) hold the kernel to 3 CTAs per SM below head 256.
+TC_REG_CTAS_PER_SM = 3
 # fp16/bf16 prefill runs on the tensor-core kernel where the GPU can run it; False
 # forces the CUDA-core kernel (benchmarks and tests compare the two).
 PREFILL_TENSOR_CORES = True
@@ -50,10 +64,23 @@ def _resident_ctas(device_index: int, smem: int) -> int:
     return max(1, min(4, per_sm // (smem + 1024)))  # 1 KiB per CTA is reserved by the driver
 
 
+class TcFit(NamedTuple):
+    """What the tensor-core decode kernel can do on one device at one head size."""
+    max_stages: int           # deepest pipeline that fits shared memory; 0: it cannot run
+    shallow_ctas_per_sm: int  # resident CTAs per SM with the 2-stage pipeline
+
+
+NO_TC = TcFit(0, 0)
+
+
 @functools.lru_cache(maxsize=None)
-def _tc_ctas_per_sm(device_index: int, head_size: int) -> int:
-    """Resident tensor-core decode CTAs per SM; 0 where the kernel cannot run."""
-    return _resident_ctas(device_index, decode_tc_smem_bytes(head_size))
+def _tc_fit(device_index: int, head_size: int) -> TcFit:
+    shallow = min(TC_REG_CTAS_PER_SM, _resident_ctas(device_index, decode_tc_smem_bytes(head_size, 2)))
+    if shallow == 0:
+        return NO_TC
+    deep = decode_tc_max_stages(head_size)
+    fits_deep = deep > 2 and _resident_ctas(device_index, decode_tc_smem_bytes(head_size, deep)) > 0
+    return TcFit(deep if fits_deep else 2, shallow)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,26 +159,39 @@ def _tc_split(ctas: int, max_context: int, target: int) -> tuple[int, int]:
     return (part, n) if n > 1 else (max(max_context, 1), 1)
 
 
+def _tc_stages(ctas: int, head_size: int, num_sms: int, tc: TcFit) -> int:
+    """Pipeline depth of a tensor-core decode launch of `ctas` CTAs (see DECODE_TC_STAGES)."""
+    if DECODE_TC_STAGES is not None:
+        return max(2, min(DECODE_TC_STAGES, tc.max_stages))
+    if tc.max_stages < 3:
+        return 2
+    resident = ctas <= tc.shallow_ctas_per_sm * num_sms
+    in_flight = ctas * 4 * 16 * 2 * head_size * 2  # per warp: one 16-token K and V tile, 16-bit
+    return 2 if resident and in_flight >= SHALLOW_MIN_INFLIGHT else 3
+
+
 def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: int,
-                num_sms: int, tc_ctas_per_sm: int = 0) -> tuple[int, int, int]:
-    """(query heads per CTA, partition tokens, partitions). max_context is an
-    upper bound known on the host (block table width * block size), so no sync.
-    tc_ctas_per_sm > 0 (its occupancy) selects the tensor-core kernel (qpb QPB_TC)."""
+                num_sms: int, tc: TcFit = NO_TC, head_size: int = 128) -> tuple[int, int, int, int]:
+    """(query heads per CTA, partition tokens, partitions, pipeline stages). max_context
+    is an upper bound known on the host (block table width * block size), so no sync.
+    A `tc` that can run (_tc_fit) selects the tensor-core kernel (qpb QPB_TC, stages 2
+    or 3); the CUDA-core kernel has no stages (0)."""
     group = num_heads // num_kv_heads
-    if tc_ctas_per_sm > 0:
+    if tc.max_stages > 0:
         ctas = num_seqs * num_kv_heads * -(-group // QPB_TC)
         per_sm = TC_CTAS_PER_SM if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
-        return (QPB_TC,) + _tc_split(ctas, max_context, per_sm * num_sms)
+        part, nparts = _tc_split(ctas, max_context, per_sm * num_sms)
+        return QPB_TC, part, nparts, _tc_stages(ctas * nparts, head_size, num_sms, tc)
     qpb = next(q for q in QPB_CHOICES if q >= min(group, QPB_CHOICES[-1]))
     ctas = num_seqs * num_kv_heads * -(-group // qpb)
     per_sm = CUDA_CORE_CTAS_PER_SM if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
     want = -(-per_sm * num_sms // max(ctas, 1))
     if want <= 1 or max_context <= MIN_PART_TOKENS:
-        return qpb, max(max_context, 1), 1
+        return qpb, max(max_context, 1), 1, 0
     part = max(MIN_PART_TOKENS, -(-max_context // want))
     part = -(-part // 64) * 64
     nparts = -(-max_context // part)
-    return (qpb, part, nparts) if nparts > 1 else (qpb, max(max_context, 1), 1)
+    return (qpb, part, nparts, 0) if nparts > 1 else (qpb, max(max_context, 1), 1, 0)
 
 
 # Split-KV arrival counters: the last CTA of each (sequence, head group) merges
@@ -192,9 +232,10 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     context_lens = context_lens.contiguous()
     dev = query.device.index
-    tc = _tc_ctas_per_sm(dev, head_size) if query.dtype != torch.float32 else 0
-    qpb, part_tokens, nparts = decode_plan(num_seqs, num_heads, num_kv_heads,
-                                           block_tables.shape[1] * block_size, _num_sms(dev), tc)
+    tc = _tc_fit(dev, head_size) if query.dtype != torch.float32 else NO_TC
+    qpb, part_tokens, nparts, stages = decode_plan(num_seqs, num_heads, num_kv_heads,
+                                                   block_tables.shape[1] * block_size, _num_sms(dev),
+                                                   tc, head_size)
     part_out = part_ml = counters = None
     stream = _stream(query)
     if nparts > 1:
@@ -204,7 +245,8 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
         counters = _split_counters(query.device, num_seqs * ctas_per_seq)
     with torch.cuda.device(query.device):
         get_loader().decode(
-            dtype=DTYPE_CODES[query.dtype], head_size=head_size, qpb=qpb, out=out.data_ptr(),
+            dtype=DTYPE_CODES[query.dtype], head_size=head_size, qpb=qpb, stages=stages,
+            out=out.data_ptr(),
             part_out=0 if part_out is None else part_out.data_ptr(),
             part_ml=0 if part_ml is None else part_ml.data_ptr(), q=query.data_ptr(),
             q_stride=query.stride(0), key_cache=key_cache.data_ptr(),

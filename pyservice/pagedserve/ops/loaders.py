@@ -36,16 +36,18 @@ def prefill_smem_bytes(head_size: int) -> int:
     return (PREFILL_ROWS * head_size + PREFILL_KC * (head_size + 1) + PREFILL_KC * head_size) * 4
 
 
-def decode_tc_stages(head_size: int) -> int:
+def decode_tc_max_stages(head_size: int) -> int:
+    """Deepest pipeline of paged_decode_tc_kernel (TcMaxStages in decode_tc.cuh): 3
+    tiles per warp, 2 at head size 256 (3 would not fit shared memory)."""
     return 2 if head_size >= 256 else 3
 
 
-def decode_tc_smem_bytes(head_size: int) -> int:
+def decode_tc_smem_bytes(head_size: int, stages: int) -> int:
     """Dynamic shared memory of paged_decode_tc_kernel: 16 query rows padded by 8
     elements plus, per warp (4), `stages` tiles of 16 K rows and 16 V rows (padded
     by 8 elements only where the head size is not a power of 2: TcShape::RP)."""
     q_row = (head_size + 8) * 2
-    return 16 * q_row + 4 * decode_tc_stages(head_size) * 2 * 16 * _tc_row_bytes(head_size) + 128  # + alignment
+    return 16 * q_row + 4 * stages * 2 * 16 * _tc_row_bytes(head_size) + 128  # + alignment
 
 
 def _tc_row_bytes(head_size: int) -> int:
@@ -172,7 +174,8 @@ class CupyLoader:
     def _attention_fn(self, dtype: int, head_size: int, name: str):
         names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>" for q in QPB_CHOICES]
         if dtype != 0:  # no fp32 tensor-core path
-            names.append(f"ps::paged_decode_tc_kernel<{dtype},{head_size}>")
+            names += [f"ps::paged_decode_tc_kernel<{dtype},{head_size},{st}>"
+                      for st in range(2, decode_tc_max_stages(head_size) + 1)]
             names.append(f"ps::paged_prefill_tc_kernel<{dtype},{head_size}>")
         names.append(f"ps::paged_prefill_kernel<{dtype},{head_size}>")
         return self._module((dtype, head_size), names).get_function(name)
@@ -188,7 +191,7 @@ class CupyLoader:
             with st:
                 fn(grid, block, args, shared_mem=smem)
 
-    def decode(self, *, dtype, head_size, qpb, out, part_out, part_ml, q, q_stride, key_cache,
+    def decode(self, *, dtype, head_size, qpb, stages, out, part_out, part_ml, q, q_stride, key_cache,
                value_cache, block_tables, bt_stride, context_lens, split_counters, num_seqs,
                num_heads, num_kv_heads, block_size, scale, part_tokens, nparts, stream):
         if head_size not in (64, 80, 96, 128, 256):
@@ -201,8 +204,11 @@ class CupyLoader:
         group = num_heads // num_kv_heads
         smem = 0
         if qpb == QPB_TC:
-            fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_tc_kernel<{dtype},{head_size}>")
-            smem = decode_tc_smem_bytes(head_size)
+            if not 2 <= stages <= decode_tc_max_stages(head_size):
+                raise ValueError(f"stages {stages} is not supported at head_size {head_size}")
+            fn = self._attention_fn(dtype, head_size,
+                                    f"ps::paged_decode_tc_kernel<{dtype},{head_size},{stages}>")
+            smem = decode_tc_smem_bytes(head_size, stages)
             if smem > 48 * 1024:
                 fn.max_dynamic_shared_size_bytes = smem
         else:
