@@ -6,8 +6,8 @@
 // Variants: chunks in order or through a shuffled table (paging), stage rows
 // padded by 16 bytes (the old layout) or unpadded and XOR-swizzled (the current
 // one), the stages on a 128-byte boundary or 16 bytes off it. Shapes: the bytes
-// of 32 x 1024 and 128 x 4096 decodes (Llama-3-8B heads). docs/kernels.md has
-// the results.
+// of the 32 x 1024, 64 x 2048, 128 x 4096 and 16 x 16384 decodes (Llama-3-8B
+// heads). docs/kernels.md has the results.
 //
 //   nvcc -arch=sm_90 -O3 -o /tmp/smem_layout_probe benchmarks/smem_layout_probe.cu
 //   /tmp/smem_layout_probe
@@ -119,7 +119,8 @@ int main() {
   cudaMemset(K, 1, max_chunks * 4096);
   cudaMemset(V, 1, max_chunks * 4096);
   cudaMalloc(&table, max_chunks * sizeof(int));
-  const int shapes[2][2] = {{256, 64}, {1024, 256}};  // CTAs (batch x 8 heads), chunks per CTA
+  // CTAs (batch x 8 heads), chunks per CTA
+  const int shapes[4][2] = {{256, 64}, {512, 128}, {1024, 256}, {128, 1024}};
   for (const auto &sh : shapes) {
     const int ctas = sh[0], chunks = sh[1];
     std::vector<int> perm(ctas * chunks);

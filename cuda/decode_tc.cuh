@@ -48,8 +48,32 @@ struct TcShape : TileRows<D> {
   };
   static_assert(ST >= 2 && ST <= TcMaxStages<D>::VALUE, "pipeline depth out of range");
   static_assert((TILE * R::CPR) % 32 == 0, "a tile must split evenly over the lanes");
-  static_assert((NWARPS * 16 * D + NWARPS * 32) * 4 <= PIPE_BYTES, "merge area must fit the pipeline");
+  // the final merge's rows of D floats padded by 8, so the 8 rows of one float2 store
+  // of a warp's accumulators fall in different banks
+  enum { OP = D + 8 };
+  static_assert((NWARPS * 16 * OP + NWARPS * 32) * 4 <= PIPE_BYTES, "merge area must fit the pipeline");
 };
+
+// store_head_result (common.cuh) for elements d .. d+3 of a 16-bit output (d a
+// multiple of 4): one 8-byte store of the result, or one 16-byte store of the partial.
+template <int DT>
+__device__ __forceinline__ void store_head_result4(u16 *out, float *part_out, float *part_ml,
+                                                   i64 row, int d, int D, int nparts, int part,
+                                                   float M, float L, const float (&A)[4]) {
+  if (nparts == 1) {
+    float r[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) r[k] = L > 0.f ? A[k] / L : 0.f;
+    *reinterpret_cast<uint2 *>(out + row * D + d) = make_uint2(pack2<DT>(r[0], r[1]), pack2<DT>(r[2], r[3]));
+    return;
+  }
+  const i64 slot = row * nparts + part;
+  *reinterpret_cast<float4 *>(part_out + slot * D + d) = make_float4(A[0] / L, A[1] / L, A[2] / L, A[3] / L);
+  if (d == 0) {
+    part_ml[slot * 2] = M;
+    part_ml[slot * 2 + 1] = L;
+  }
+}
 
 template <int DT, int D, int ST>
 __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
@@ -197,13 +221,14 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
   const float(&o)[NTD][4] = acc[0].o;
 
   __syncthreads();  // every warp is done with its pipeline: reuse it for the merge
-  float *sm_o = reinterpret_cast<float *>(pipe);  // [NWARPS][16][D]
-  float *sm_m = sm_o + NWARPS * 16 * D;           // [NWARPS][16]
+  enum { OP = S::OP };
+  float *sm_o = reinterpret_cast<float *>(pipe);  // [NWARPS][16][OP]
+  float *sm_m = sm_o + NWARPS * 16 * OP;          // [NWARPS][16]
   float *sm_l = sm_m + NWARPS * 16;
   {
     const int r0 = lane >> 2, c0 = 2 * (lane & 3);
-    float *w0 = sm_o + (warp * 16 + r0) * D + c0;
-    float *w1 = w0 + 8 * D;
+    float *w0 = sm_o + (warp * 16 + r0) * OP + c0;
+    float *w1 = w0 + 8 * OP;
     // only the group's rows (nh of the 16) are merged: the rest are not stored
     if (r0 < nh) {
 #pragma unroll
@@ -222,22 +247,31 @@ __global__ void __launch_bounds__(128) paged_decode_tc_kernel(
   }
   __syncthreads();
 
-  // Merge the warps; a warp that saw no token has m = -inf and weight 0.
-  for (int idx = threadIdx.x; idx < nh * D; idx += NWARPS * 32) {
-    const int g = idx / D, d = idx % D;
-    float M = neg_inf();
-#pragma unroll
-    for (int w = 0; w < NWARPS; ++w) M = fmaxf(M, sm_m[w * 16 + g]);
-    float L = 0.f, A = 0.f;
+  // Merge the warps, 4 consecutive elements per thread (a single pass for a group of
+  // 4 heads at head 128): the merge sits between a CTA's last tile and its exit, so
+  // its dependent shared-memory round trips count once per wave of CTAs. A warp
+  // that saw no token has m = -inf and weight 0.
+  for (int idx = threadIdx.x; idx < nh * (D / 4); idx += NWARPS * 32) {
+    const int g = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    float mw[NWARPS], M = neg_inf();
 #pragma unroll
     for (int w = 0; w < NWARPS; ++w) {
-      const float mw = sm_m[w * 16 + g];
-      const float wt = mw == neg_inf() ? 0.f : exp2f(mw - M);
-      L += wt * sm_l[w * 16 + g];
-      A += wt * sm_o[(w * 16 + g) * D + d];
+      mw[w] = sm_m[w * 16 + g];
+      M = fmaxf(M, mw[w]);
     }
-    store_head_result<DT>(out, part_out, part_ml, (i64)seq * num_heads + head0 + g, d, D,
-                          nparts, part, M, L, A);
+    float L = 0.f, A[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const float wt = mw[w] == neg_inf() ? 0.f : exp2f(mw[w] - M);
+      const float4 v = *reinterpret_cast<const float4 *>(sm_o + (w * 16 + g) * OP + d);
+      L += wt * sm_l[w * 16 + g];
+      A[0] += wt * v.x;
+      A[1] += wt * v.y;
+      A[2] += wt * v.z;
+      A[3] += wt * v.w;
+    }
+    store_head_result4<DT>(out, part_out, part_ml, (i64)seq * num_heads + head0 + g, d, D, nparts,
+                           part, M, L, A);
   }
   if (nparts > 1)
     split_kv_finish<DT>(out, part_out, part_ml, counter, (i64)seq * num_heads + head0, nh, D,
