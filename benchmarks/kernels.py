@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve import ops
-from pagedserve.ops import _cuda_ops
+from pagedserve.ops import _cuda_ops, launch_plan
 
 SHAPES = [(32, 1024), (64, 2048), (128, 4096), (16, 16384), (1, 32768)]
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -108,14 +108,14 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     # pool hands out a prompt's blocks): what the scattered ids themselves cost
     in_order = torch.arange(b * nb, dtype=torch.int32, device="cuda").view(b, nb)
     t_in_order = bench(lambda: ops.decode_attention(q, kc, vc, in_order, ctx, scale), iters)
-    plan = _cuda_ops.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_fit(0, D), D)
+    plan = launch_plan.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_fit(0, D), D)
     by_stages = {}  # both pipeline depths, to check the planner's choice (plan[3])
     for stages in (2, 3):
-        _cuda_ops.DECODE_TC_STAGES = stages
+        launch_plan.DECODE_TC_STAGES = stages
         try:
             by_stages[str(stages)] = bench(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale), iters)
         finally:
-            _cuda_ops.DECODE_TC_STAGES = None
+            launch_plan.DECODE_TC_STAGES = None
 
     def gathered(cache):  # [B, HKV, L, D]
         return cache[bt.long()].permute(0, 2, 1, 3, 4).reshape(b, HKV, l, D)
@@ -215,17 +215,17 @@ def long_context_variants(iters: int, gen: torch.Generator) -> list[dict]:
     """Other partition plans (part tokens, partitions) than the planner's one CTA per
     SM: 1 x 32768 in 96 CTAs, in 136 (a few SMs with two), in 256 (two per SM, the
     plan before), in 512; 16 x 16384 split in two (256 CTAs)."""
-    chosen = _cuda_ops._tc_split
+    chosen = launch_plan.tc_split
     rows = []
     try:
         for b, l, plan in ((1, 32768, (2736, 12)), (1, 32768, (1936, 17)), (1, 32768, (1024, 32)),
                            (1, 32768, (512, 64)), (16, 16384, (8192, 2))):
-            _cuda_ops._tc_split = lambda *_, plan=plan: plan
+            launch_plan.tc_split = lambda *_, plan=plan: plan
             r = decode_case(b, l, iters, gen)
             r["forced_plan"] = list(plan)
             rows.append(r)
     finally:
-        _cuda_ops._tc_split = chosen
+        launch_plan.tc_split = chosen
     return rows
 
 

@@ -1,17 +1,17 @@
-"""The decode launch plan (ops/_cuda_ops.decode_plan): pure host arithmetic, so it is
+"""The decode launch plan (ops/launch_plan.decode_plan): pure host arithmetic, so it is
 checked here without a GPU, on an H100's 132 SMs with Llama-3-8B heads (32 query,
 8 KV, head 128; the tensor-core kernel fits a 3-stage pipeline, and 3 CTAs per SM
 with the 2-stage one)."""
 
 import pytest
 
-from pagedserve.ops import _cuda_ops
+from pagedserve.ops import launch_plan
 
-SMS, H100_TC = 132, _cuda_ops.TcFit(max_stages=3, shallow_ctas_per_sm=3)
+SMS, H100_TC = 132, launch_plan.TcFit(max_stages=3, shallow_ctas_per_sm=3)
 
 
 def plan(batch, context, heads=(32, 8), tc=H100_TC, head_size=128):
-    return _cuda_ops.decode_plan(batch, heads[0], heads[1], context, SMS, tc, head_size)
+    return launch_plan.decode_plan(batch, heads[0], heads[1], context, SMS, tc, head_size)
 
 
 @pytest.mark.parametrize("batch, context, expected", [
@@ -45,25 +45,25 @@ def test_shallow_pipeline_only_for_one_full_resident_wave(batch, stages):
 def test_pipeline_depth_where_the_deep_one_cannot_run(monkeypatch):
     # head 256 (and GPUs with less shared memory) only fit 2 stages; half the bytes per
     # token at head 64 need twice the CTAs in flight
-    assert plan(32, 1024, tc=_cuda_ops.TcFit(2, 1), head_size=256)[3] == 2
+    assert plan(32, 1024, tc=launch_plan.TcFit(2, 1), head_size=256)[3] == 2
     assert plan(32, 1024, head_size=64)[3] == 3
     assert plan(48, 1024, head_size=64)[3] == 2
-    monkeypatch.setattr(_cuda_ops, "DECODE_TC_STAGES", 3)
+    monkeypatch.setattr(launch_plan, "DECODE_TC_STAGES", 3)
     assert plan(32, 1024)[3] == 3
-    assert plan(32, 1024, tc=_cuda_ops.TcFit(2, 1), head_size=256)[3] == 2
+    assert plan(32, 1024, tc=launch_plan.TcFit(2, 1), head_size=256)[3] == 2
 
 
 def test_forced_and_forbidden_splits(monkeypatch):
-    monkeypatch.setattr(_cuda_ops, "TARGET_CTAS_PER_SM", 1 << 20)
+    monkeypatch.setattr(launch_plan, "TARGET_CTAS_PER_SM", 1 << 20)
     assert plan(2, 4097, heads=(8, 2))[:3] == (16, 256, 17)  # as many 256-token partitions as fit
-    monkeypatch.setattr(_cuda_ops, "TARGET_CTAS_PER_SM", 0)
+    monkeypatch.setattr(launch_plan, "TARGET_CTAS_PER_SM", 0)
     assert plan(1, 32768)[:3] == (16, 32768, 1)
 
 
 def test_cuda_core_plan_groups_query_heads():
     # fp32 (no tensor-core kernel): 4 query heads per CTA for a group of 4; 8 rows split
     # toward 4 CTAs per SM (66 partitions wanted), lengths rounded up to 64 tokens
-    no_tc = _cuda_ops.NO_TC
+    no_tc = launch_plan.NO_TC
     assert plan(1, 32768, tc=no_tc) == (4, 512, 64, 0)
     assert plan(64, 2048, tc=no_tc) == (4, 1024, 2, 0)  # 512 CTAs, short of 4 per SM
     assert plan(128, 2048, tc=no_tc) == (4, 2048, 1, 0)  # 1024: no split

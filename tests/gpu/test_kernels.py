@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagedserve import ops
-from pagedserve.ops import _cuda_ops, reference
+from pagedserve.ops import _cuda_ops, launch_plan, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -68,13 +68,13 @@ def run_decode(q, kc, vc, bt, ctx, scale, split, stages=None):
     pipeline depth (clamped to what the head size fits)."""
     dev = "cuda"
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=dev)
-    old = _cuda_ops.TARGET_CTAS_PER_SM, _cuda_ops.DECODE_TC_STAGES
-    _cuda_ops.TARGET_CTAS_PER_SM = 1 << 20 if split else 0  # force the split / the single pass
-    _cuda_ops.DECODE_TC_STAGES = stages
+    old = launch_plan.TARGET_CTAS_PER_SM, launch_plan.DECODE_TC_STAGES
+    launch_plan.TARGET_CTAS_PER_SM = 1 << 20 if split else 0  # force the split / the single pass
+    launch_plan.DECODE_TC_STAGES = stages
     try:
         ops.decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), ctx.to(dev), scale, out=out)
     finally:
-        _cuda_ops.TARGET_CTAS_PER_SM, _cuda_ops.DECODE_TC_STAGES = old
+        launch_plan.TARGET_CTAS_PER_SM, launch_plan.DECODE_TC_STAGES = old
     torch.cuda.synchronize()
     return out
 
@@ -149,14 +149,14 @@ def test_decode_split_counters_reset_and_graph(loader):
     kc, vc, bt, ctx = kc.cuda(), vc.cuda(), bt.cuda(), ctx.cuda()
     q = torch.zeros(len(ctx), H, 128, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
-    old = _cuda_ops.TARGET_CTAS_PER_SM
-    _cuda_ops.TARGET_CTAS_PER_SM = 1 << 20
+    old = launch_plan.TARGET_CTAS_PER_SM
+    launch_plan.TARGET_CTAS_PER_SM = 1 << 20
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             ops.decode_attention(q, kc, vc, bt, ctx, 0.1, out=out)
     finally:
-        _cuda_ops.TARGET_CTAS_PER_SM = old
+        launch_plan.TARGET_CTAS_PER_SM = old
     for _ in range(2):
         qh = torch.randn(q.shape, generator=gen).bfloat16()
         q.copy_(qh)

@@ -96,12 +96,12 @@ class DecodeGraphs:
 
     def _splits(self, batch: int, width: int) -> bool:
         """Whether the decode kernel splits the KV of this batch at this table width."""
-        from pagedserve.ops import _cuda_ops as co
+        from pagedserve.ops import _cuda_ops as co, launch_plan
 
         num_heads, num_kv_heads, head_dim, dtype = self._heads
         dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        tc = co._tc_fit(dev, head_dim) if dtype != torch.float32 else co.NO_TC
-        return co.decode_plan(batch, num_heads, num_kv_heads, width * self.bs,
+        tc = co._tc_fit(dev, head_dim) if dtype != torch.float32 else launch_plan.NO_TC
+        return launch_plan.decode_plan(batch, num_heads, num_kv_heads, width * self.bs,
                               co._num_sms(dev), tc, head_dim)[2] > 1
 
     def width_classes(self, batch: int) -> list[int]:
