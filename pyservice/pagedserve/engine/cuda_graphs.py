@@ -102,7 +102,7 @@ class DecodeGraphs:
         dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
         tc = co._tc_fit(dev, head_dim) if dtype != torch.float32 else launch_plan.NO_TC
         return launch_plan.decode_plan(batch, num_heads, num_kv_heads, width * self.bs,
-                              co._num_sms(dev), tc, head_dim)[2] > 1
+                                       co._num_sms(dev), tc, head_dim)[2] > 1
 
     def width_classes(self, batch: int) -> list[int]:
         """Table widths (blocks) captured for a bucket, ascending; the last is full."""

@@ -44,6 +44,7 @@ def _resident_ctas(device_index: int, smem: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _tc_fit(device_index: int, head_size: int) -> TcFit:
+    """The tensor-core decode kernel's depths and occupancy on this device (NO_TC: it cannot run)."""
     shallow = min(launch_plan.TC_REG_CTAS_PER_SM, _resident_ctas(device_index, decode_tc_smem_bytes(head_size, 2)))
     if shallow == 0:
         return NO_TC
