@@ -24,7 +24,7 @@
 namespace ps {
 
 // Pipeline depth in 16-token tiles per warp, chosen per launch by the planner
-// (decode_plan in ops/_cuda_ops.py): 3 keeps two tiles per warp in flight, which a
+// (decode_plan in ops/launch_plan.py): 3 keeps two tiles per warp in flight, which a
 // grid of about one CTA per SM needs to keep HBM busy; 2 halves that and the
 // shared memory, so one more CTA fits per SM, and wins where the whole grid is
 // resident at once with bytes enough in flight (docs/kernels.md). Head 256 fits
