@@ -15,7 +15,7 @@ n tokens (causal Q K^T and P V) at the rate of one large matmul in that dtype.
 With the model (default), one real decode step of 64 sequences through the model runner
 gives the attention's share of a step.
 
-    python benchmarks/cpu_attention.py --out docs/cpu_attention.json
+    python benchmarks/cpu_attention.py --threads 1   (docs/kernels.md; --out FILE writes JSON)
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ U[8, 128] tokens with ignore_eos, the embedded SmolLM2-135M. In one process:
                 the schedule ran, at the batch size it ran (on the context lengths of a
                 real step of that size), all timed here on the same model runner.
 
-    python benchmarks/throughput_cpu.py --out docs/throughput_cpu.json
+    python benchmarks/throughput_cpu.py --out docs/throughput_cpu_fp32.json
+    python benchmarks/throughput_cpu.py --dtype bfloat16 --out docs/throughput_cpu_bf16.json
 """
 
 from __future__ import annotations

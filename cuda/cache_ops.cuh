@@ -6,7 +6,7 @@
 
 namespace ps {
 
-// reshape_and_cache: token t's K/V rows go to slot slot_mapping[t] of the cache
+// write_kv (ops.write_kv): token t's K/V rows go to slot slot_mapping[t] of the cache
 // ([blocks, Hkv, bs, D]); a negative slot (padding, or a token whose KV is not
 // kept) is skipped. grid (num_tokens), any block size.
 __global__ void write_kv_kernel(const char *__restrict__ key, const char *__restrict__ value,

@@ -82,3 +82,22 @@ def test_generate_runs_the_model(capsys):
     assert line["completions"][0]["text"] == " Paris.\n"
     assert line["usage"]["completion_tokens"] == 3
     assert line["completions"][0]["finish_reason"] == "length"
+
+
+def test_bench_runs_the_workload_through_the_engine(capsys):
+    # 6 prompts of 40 tokens + 12 new ones need 18 blocks of 16 tokens at once; a pool
+    # of 12 makes the engine preempt, and every request must still get all its tokens.
+    code = cli.main(["bench", "--num-prompts", "6", "--input-len", "40", "--output-len", "12",
+                     "--num-kv-blocks", "12", "--swap-space-gb", "0.01", "--device", "cpu",
+                     "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["num_prompts"], result["input_len"], result["output_len"]) == (6, 40, 12)
+    assert result["kv_pool_blocks"] == 12 and result["preemptions"] > 0
+    assert result["output_tokens_per_s"] > 0 and result["steps"] >= 12
+
+
+@pytest.mark.parametrize("flag", ["--num-prompts", "--input-len", "--output-len"])
+def test_bench_rejects_an_empty_workload(capsys, flag):
+    assert cli.main(["bench", flag, "0", "--device", "cpu"]) == 2
+    assert f"error: {flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 // pagedserve._cuda: registers the kernel launchers. Arguments are plain
 // integers (device pointers, strides, shapes, dtype codes, the stream handle);
-// pagedserve/ops/_cuda_ops.py builds them from torch tensors.
+// pagedserve/ops/_cuda_ops.py and _cuda_layer_ops.py build them from torch tensors.
 #include <pybind11/pybind11.h>
 
 #include "launch.h"

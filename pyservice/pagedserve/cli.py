@@ -2,6 +2,7 @@
 
     pagedserve generate PROMPT... [engine flags] [sampling flags]
     pagedserve serve ... / pagedserve client ...   (from pagedserve.server.cli, when present)
+    pagedserve bench [workload flags] [engine flags]  (from pagedserve.bench)
 
 Every flag also reads PAGEDSERVE_<FLAG_IN_UPPER_SNAKE_CASE> (an explicit flag wins).
 Engine flags are generated from EngineConfig's fields by `add_engine_flags`, which
@@ -29,6 +30,7 @@ _FALSE = {"0", "false", "no", "off"}
 SUBCOMMAND_HOOKS = (
     ("pagedserve.server.cli", "add_serve_parser"),
     ("pagedserve.server.cli", "add_client_parser"),
+    ("pagedserve.bench", "add_bench_parser"),
 )
 
 

@@ -6,7 +6,8 @@
 
 Both expose the same functions with the same keyword arguments (device
 pointers as ints, shapes, dtype codes, the raw stream handle), so the launch
-policy in ``_cuda_ops`` is written once. The default is ``compiled`` when it
+plans (``launch_plan``) and the launches (``_cuda_ops``, ``_cuda_layer_ops``) are
+written once. The default is ``compiled`` when it
 imports, else ``cupy``; ``set_loader`` forces one (tests run both).
 """
 
