@@ -113,7 +113,7 @@ class ScriptedEngine:
                 "num_total_gpu_blocks": self.num_blocks,
                 "num_free_cpu_blocks": 0, "num_total_cpu_blocks": 0}
 
-    def add_request(self, request_id, prompt, params, priority=0) -> None:
+    def add_request(self, request_id, prompt, params, priority=0, cache_salt=0) -> None:
         if isinstance(prompt, str):
             prompt = [ord(c) % self.vocab_size for c in prompt]
         if len(prompt) >= self.max_model_len:

@@ -26,10 +26,10 @@ Prompt = str | Sequence[int] | Sequence[dict]
 
 
 def build_request(prompt: Prompt, *, request_id: str = "", priority: int = 0,
-                  **sampling: Any) -> pb.GenerateRequest:
+                  cache_salt: str = "", **sampling: Any) -> pb.GenerateRequest:
     """A GenerateRequest from a text prompt, token ids or chat messages."""
     request = pb.GenerateRequest(request_id=request_id, priority=priority,
-                                 sampling=pb.SamplingParams(**sampling))
+                                 cache_salt=cache_salt, sampling=pb.SamplingParams(**sampling))
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt and isinstance(prompt[0], dict):
@@ -88,15 +88,17 @@ class Client(_Base):
                          aio=False, options=options)
 
     def generate(self, prompt: Prompt, *, request_id: str = "", priority: int = 0,
-                 timeout: float | None = None, **sampling: Any) -> pb.GenerateResponse:
-        request = build_request(prompt, request_id=request_id, priority=priority, **sampling)
+                 cache_salt: str = "", timeout: float | None = None, **sampling: Any) -> pb.GenerateResponse:
+        request = build_request(prompt, request_id=request_id, priority=priority,
+                                cache_salt=cache_salt, **sampling)
         return self.stub.Generate(request, **self._kwargs(timeout))
 
     def stream_generate(self, prompt: Prompt, *, request_id: str = "", priority: int = 0,
-                        timeout: float | None = None, **sampling: Any
+                        cache_salt: str = "", timeout: float | None = None, **sampling: Any
                         ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields messages as they arrive; `.cancel()` on the returned call stops it."""
-        request = build_request(prompt, request_id=request_id, priority=priority, **sampling)
+        request = build_request(prompt, request_id=request_id, priority=priority,
+                                cache_salt=cache_salt, **sampling)
         return self.stub.StreamGenerate(request, **self._kwargs(timeout))
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
@@ -123,14 +125,16 @@ class AsyncClient(_Base):
                          aio=True, options=options)
 
     async def generate(self, prompt: Prompt, *, request_id: str = "", priority: int = 0,
-                       timeout: float | None = None, **sampling: Any) -> pb.GenerateResponse:
-        request = build_request(prompt, request_id=request_id, priority=priority, **sampling)
+                       cache_salt: str = "", timeout: float | None = None, **sampling: Any) -> pb.GenerateResponse:
+        request = build_request(prompt, request_id=request_id, priority=priority,
+                                cache_salt=cache_salt, **sampling)
         return await self.stub.Generate(request, **self._kwargs(timeout))
 
     async def stream_generate(self, prompt: Prompt, *, request_id: str = "", priority: int = 0,
-                              timeout: float | None = None, **sampling: Any
+                              cache_salt: str = "", timeout: float | None = None, **sampling: Any
                               ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        request = build_request(prompt, request_id=request_id, priority=priority, **sampling)
+        request = build_request(prompt, request_id=request_id, priority=priority,
+                                cache_salt=cache_salt, **sampling)
         call = self.stub.StreamGenerate(request, **self._kwargs(timeout))
         try:
             async for message in call:

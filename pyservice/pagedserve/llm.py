@@ -9,7 +9,7 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import RequestFailedError, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]
@@ -88,6 +88,9 @@ class LLM:
             while len(finished) < len(request_ids):
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
+                        if out.error is not None:
+                            raise RequestFailedError(
+                                f"request {out.request_id} failed: {out.error}") from out.error
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

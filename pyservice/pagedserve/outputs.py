@@ -15,6 +15,11 @@ from pagedserve.observability.timeline import PhaseEvent
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed in the engine (a bug in its own processing); the engine and
+    every other request went on."""
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence; text and token ids are cumulative (everything so far)."""
@@ -57,3 +62,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=0.0))
+    # Set when the request failed on its own (finished, no completions): the engine kept
+    # running; the caller gets this error instead of a result.
+    error: Exception | None = None

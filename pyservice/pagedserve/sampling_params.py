@@ -7,6 +7,11 @@ from dataclasses import dataclass, field, replace
 
 # A hard cap keeps one request from asking the sampler for the whole vocabulary.
 MAX_LOGPROBS = 20
+# Beam scores divide by generated_len ** length_penalty: this bound keeps that power
+# finite and non-zero for any length a model allows (1e6 ** 10 = 1e60).
+MAX_ABS_LENGTH_PENALTY = 10.0
+# Dividing logits (at most ~1e4) by a smaller penalty could overflow float32 to inf.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
 def _is_int(value: object) -> bool:
@@ -52,6 +57,9 @@ class SamplingParams:
         self._check_int("n", minimum=1)
         self._check_int("beam_width", minimum=1)
         self._check_float("length_penalty")
+        if abs(self.length_penalty) > MAX_ABS_LENGTH_PENALTY:
+            raise ValueError(f"length_penalty must be in [-{MAX_ABS_LENGTH_PENALTY:g}, "
+                             f"{MAX_ABS_LENGTH_PENALTY:g}], got {self.length_penalty:g}")
         self._check_float("temperature", minimum=0.0)
         self._check_float("top_p")
         if not 0.0 < self.top_p <= 1.0:
@@ -65,8 +73,10 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         self._check_float("repetition_penalty")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}], "
+                             f"got {self.repetition_penalty:g}")
         for name in ("presence_penalty", "frequency_penalty"):
             self._check_float(name)
             if not -2.0 <= getattr(self, name) <= 2.0:
@@ -123,6 +133,12 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids must contain non-negative integers, got {t!r}")
+        # Checked against every generated token: a set makes that O(1) however long the list.
+        self._stop_token_set = frozenset(self.stop_token_ids)
+
+    @property
+    def stop_token_set(self) -> frozenset[int]:
+        return self._stop_token_set
 
     @property
     def greedy(self) -> bool:

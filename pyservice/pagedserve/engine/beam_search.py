@@ -60,18 +60,15 @@ class BeamState:
     hypotheses: list[Hypothesis] = field(default_factory=list)  # best first, at most width
     done: bool = False
 
+    def __post_init__(self) -> None:
+        # Built once: select() tests every ranked candidate against it.
+        eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
+        self._eos: frozenset[int] = eos
+        self.stop_ids: frozenset[int] = eos | self.params.stop_token_set
+
     @property
     def width(self) -> int:
         return self.params.beam_width
-
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        """Tokens that end a beam."""
-        return self._eos | frozenset(self.params.stop_token_ids)
-
-    @property
-    def _eos(self) -> frozenset[int]:
-        return frozenset() if self.params.ignore_eos else self.eos_token_ids
 
     @property
     def candidates_per_beam(self) -> int:
@@ -81,7 +78,8 @@ class BeamState:
         return self.width + len(self.stop_ids)
 
     def score(self, cumulative_logprob: float, generated_len: int) -> float:
-        return cumulative_logprob / generated_len ** self.params.length_penalty
+        # length_penalty is bounded (SamplingParams), so the power is finite and > 0.
+        return cumulative_logprob / float(generated_len) ** self.params.length_penalty
 
     def add(self, hypothesis: Hypothesis) -> None:
         self.hypotheses.append(hypothesis)

@@ -14,6 +14,7 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.prompt import PromptTokenizer, TokenizedPrompt
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.sequence import Sequence, SequenceGroup
 from pagedserve.outputs import CompletionOutput, RequestOutput
@@ -53,6 +54,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.prompts = PromptTokenizer(self.tokenizer, self.vocab_size, self.max_model_len)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -67,9 +69,11 @@ class LLMEngine:
                  self.max_model_len)
 
     # ---- requests ----------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int] | list[dict],
-                    params: SamplingParams, priority: int = 0) -> None:
-        """Queues a request; bad input raises ValueError naming the field."""
+    def add_request(self, request_id: str, prompt: str | list[int] | list[dict] | TokenizedPrompt,
+                    params: SamplingParams, priority: int = 0, cache_salt: int = 0) -> None:
+        """Queues a request; bad input raises ValueError naming the field. `cache_salt`:
+        prompts hash under it in the prefix cache, so only requests with the same salt
+        share cached blocks (one per tenant: see pagedserve.server.tenancy)."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if not isinstance(params, SamplingParams):
@@ -79,48 +83,23 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer and this model has none; "
                              "use stop_token_ids")
-        text, token_ids = self._tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens; max_model_len "
-                             f"{self.max_model_len} leaves no room to generate")
-        self.scheduler.add_request(request_id, text, token_ids, params, priority)
-
-    def _tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; give token ids")
-            return prompt, list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            return None, self.apply_chat_template(list(prompt))
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("prompt must be a non-empty string, list of token ids or "
-                             "list of chat messages")
-        for i, t in enumerate(prompt):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt_token_ids[{i}] must be a token id in "
-                                 f"[0, {self.vocab_size}), got {t!r}")
-        return None, list(prompt)
+        prompt = self.prompts(prompt)
+        self.scheduler.add_request(request_id, prompt.text, prompt.token_ids, params, priority,
+                                   cache_salt=cache_salt)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("messages: this model has no chat template")
-        for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-        # The template already holds the special tokens; adding BOS again would double it.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.prompts.apply_chat_template(messages)
 
     def abort_request(self, request_id: str) -> None:
         """Ends the request now and frees its blocks; unknown ids are ignored (it may
         have just finished)."""
         group = self.scheduler.abort_request(request_id)
         if group is not None:
-            for seq in group.seqs:
-                self._detokenizers.pop(seq.seq_id, None)
+            self._forget(group)
+
+    def _forget(self, group: SequenceGroup) -> None:
+        for seq in group.seqs:
+            self._detokenizers.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -143,10 +122,25 @@ class LLMEngine:
             return []
         progressed: dict[str, SequenceGroup] = {}
         for seq, group in self.scheduler.update(batch, results):
-            if group.beam is None:  # beam search stops by its own rules
-                self._check_stop(seq, group)
+            if group.beam is None and not group.is_finished:  # beam search stops itself
+                try:
+                    self._check_stop(seq, group)
+                except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
+                    self.scheduler.fail_request(group, exc)
             progressed[group.request_id] = group
-        return [self._output(group) for group in progressed.values()]
+        outputs = []
+        for group in progressed.values():
+            if group.error is None:
+                try:
+                    outputs.append(self._output(group))
+                    continue
+                except Exception as exc:  # noqa: BLE001
+                    self.scheduler.fail_request(group, exc)
+        for group in self.scheduler.take_failed():
+            self._forget(group)
+            outputs.append(RequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
+                                         [], True, group.metrics, group.error))
+        return outputs
 
     def _run_async(self) -> tuple[Any, list | None]:
         """This step's batch and results, the next step queued before they are read."""
@@ -170,7 +164,7 @@ class LLMEngine:
         reason, stop_reason = None, None
         if can_stop and not params.ignore_eos and token in self.eos_token_ids:
             reason = "stop"  # EOS: in token_ids, not in the text
-        elif can_stop and token in params.stop_token_ids:
+        elif can_stop and token in params.stop_token_set:
             reason, stop_reason = "stop", token
         elif self.tokenizer is not None:
             hit = self._detokenizer(seq).append(token, check_stop=can_stop)

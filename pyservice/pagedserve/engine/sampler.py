@@ -67,7 +67,7 @@ class Sampler:
         them when more are asked for."""
         logprobs = torch.log_softmax(logits, dim=-1)
         logprobs = self.mask_min_tokens(self.apply_penalties(logprobs, works), works)
-        ks = [max(w.params.beam_width + len(w.eos_token_ids | set(w.params.stop_token_ids)),
+        ks = [max(w.params.beam_width + len(w.eos_token_ids | w.params.stop_token_set),
                   w.params.logprobs or 0) for w in works]
         vals, ids = logprobs.topk(min(max(ks), logprobs.shape[1]), dim=-1)
         vals, ids = vals.tolist(), ids.tolist()
@@ -143,7 +143,7 @@ class Sampler:
         for i, w in enumerate(works):
             if w.sample_index >= w.params.min_tokens:  # outputs before this token
                 continue
-            banned = set(w.params.stop_token_ids)
+            banned = set(w.params.stop_token_set)
             if not w.params.ignore_eos:
                 banned |= w.eos_token_ids
             for t in banned:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import math
 import time
 from collections import Counter
@@ -36,6 +37,8 @@ from pagedserve.engine.decode_run import DecodeRun
 from pagedserve.engine.schedule_ahead import schedule_ahead
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
 from pagedserve.observability.timeline import PhaseEvent
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class _Budget:
@@ -90,18 +93,19 @@ class Scheduler:
         # (recorded once update() knows when the step's copies were done).
         self.step_start = 0.0
         self._step_swaps: list[tuple[SequenceGroup, str, int]] = []
+        self._failed: list[SequenceGroup] = []
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: Any, priority: int = 0,
-                    arrival_time: float | None = None) -> SequenceGroup:
+                    arrival_time: float | None = None, cache_salt: int = 0) -> SequenceGroup:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         self._check_fits(len(prompt_token_ids), params)
         group = SequenceGroup(request_id, prompt, list(prompt_token_ids), params,
                               first_seq_id=next(self._seq_ids),
                               arrival_index=next(self._arrivals), priority=priority,
-                              arrival_time=arrival_time)
+                              arrival_time=arrival_time, cache_salt=cache_salt)
         if params.beam_width > 1:
             group.beam = beam_search.BeamState(params, self.eos_token_ids)
         self._groups[request_id] = group
@@ -146,6 +150,25 @@ class Scheduler:
                 queue.remove(group)
         self._retire(group)
         return group
+
+    def fail_request(self, group: SequenceGroup, error: Exception) -> None:
+        """Ends a request whose own processing raised (its beam scoring, stop check or
+        detokenization): its blocks are freed and the error is kept for its caller
+        (`take_failed`); the other requests and the engine go on."""
+        log.error("request %s failed: %s: %s", group.request_id, type(error).__name__, error,
+                  exc_info=error)
+        group.error = error
+        # Sequences it forked this step may not be in group.seqs yet: free them too.
+        for seq, owner in list(self._seqs.values()):
+            if owner is group and not seq.is_finished:
+                self.release_seq(seq)
+        self.abort_request(group.request_id)
+        self._failed.append(group)
+
+    def take_failed(self) -> list[SequenceGroup]:
+        """The requests failed since the last call."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Ends one sequence and frees its blocks at once; the request ends with its
@@ -349,14 +372,14 @@ class Scheduler:
     # ---- block manager calls ---------------------------------------------------------
     def _can_allocate(self, seqs: list[Sequence], group: SequenceGroup) -> bool:
         if len(seqs) == 1:
-            return self.bm.can_allocate(seqs[0].token_ids)
+            return self.bm.can_allocate(seqs[0].token_ids, group.cache_salt)
         # Several sequences (a recomputed parallel-sampling request): admitted only
         # together, so a partial admission never happens.
         need = self._footprint(len(group.prompt_token_ids), [s.num_tokens for s in seqs])
         return self.bm.num_free_gpu_blocks - need >= self.bm.watermark_blocks
 
     def _allocate(self, seq: Sequence, group: SequenceGroup) -> None:
-        cached = self.bm.allocate(seq.seq_id, seq.token_ids)
+        cached = self.bm.allocate(seq.seq_id, seq.token_ids, group.cache_salt)
         seq.num_slots = seq.num_tokens
         seq.cached_block_table = None
         seq.status = Status.RUNNING
@@ -523,7 +546,11 @@ class Scheduler:
         for group in beam_groups.values():
             # After a recompute the beams' prompts may end in different steps.
             if all(s.beam_candidates is not None for s in group.live_seqs()):
-                beam_search.advance(self, group, self.max_model_len)
+                try:
+                    beam_search.advance(self, group, self.max_model_len)
+                except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
+                    self.fail_request(group, exc)
+                    continue
                 if group.metrics.first_token_time is None:
                     group.metrics.first_token_time = now
                 sampled.append((group.seqs[0], group))

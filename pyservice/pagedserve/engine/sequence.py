@@ -116,8 +116,10 @@ class SequenceGroup:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, first_seq_id: int, arrival_index: int,
-                 priority: int = 0, arrival_time: float | None = None):
+                 priority: int = 0, arrival_time: float | None = None, cache_salt: int = 0):
         self.request_id = request_id
+        self.cache_salt = cache_salt  # prompts hash under it: only equal salts share blocks
+        self.error: Exception | None = None  # set when the request failed on its own
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

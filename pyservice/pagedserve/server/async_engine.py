@@ -15,11 +15,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import fields, replace
 from typing import Any
 
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import RequestFailedError, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -75,14 +77,17 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        await self._event.wait()
-        self._event.clear()
+        # An output and an error may both be waiting (put, then fail, before this
+        # reader woke): the output is returned now and the error on the next call, so
+        # the event is cleared only when there is nothing left to hand out.
+        while self._latest is None and self._error is None:
+            self._event.clear()
+            await self._event.wait()
         if self._latest is not None:
             output, self._latest = self._latest, None
             self.finished = output.finished
             return output
         self.finished = True
-        assert self._error is not None, "stream woken without output or error"
         raise self._error
 
 
@@ -106,6 +111,11 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._draining = False
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
+        # Prompts are tokenized (and chat templates applied) here, off the engine
+        # thread, so a long prompt delays only its own request; one thread, because the
+        # tokenizer copy it uses must not be shared.
+        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenize")
+        self.step_started_at: float | None = None  # time.monotonic() of the running step
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +133,7 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(("stop",))
             await asyncio.to_thread(self._thread.join)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """Called on the event loop once, when the engine loop dies."""
@@ -135,6 +146,10 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    def running_request_ids(self) -> list[str]:
+        """Requests in flight that left the queue (what a stuck step is working on)."""
+        return [rid for rid, s in self._streams.items() if s.started and not s.aborting]
 
     @property
     def engine_stats(self) -> dict:
@@ -152,7 +167,7 @@ class AsyncEngine:
 
     # ---- requests ----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
-                    priority: int = 0) -> RequestStream:
+                    priority: int = 0, cache_salt: int = 0) -> RequestStream:
         """Queue a request; the returned stream raises the engine's rejection, if any."""
         if self._error is not None:
             raise EngineDeadError("engine is not running: it failed (details in the server log)")
@@ -165,8 +180,32 @@ class AsyncEngine:
                 f"admission queue is full ({self.max_queue_size} requests waiting)")
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self._commands.put(("add", stream, prompt, params, priority))
+        tokenize = getattr(self.engine, "prompts", None)
+        if tokenize is None:  # an engine without its own prompt tokenizer (tests)
+            self._commands.put(("add", stream, prompt, params, priority, cache_salt))
+            return stream
+        future = self._tokenizer_pool.submit(tokenize, prompt)
+        future.add_done_callback(
+            lambda f: self._post(self._tokenized, f, stream, params, priority, cache_salt))
         return stream
+
+    def _tokenized(self, future: Future, stream: RequestStream, params: SamplingParams,
+                   priority: int, cache_salt: int) -> None:
+        """On the event loop: hand the tokenized prompt to the engine thread, unless the
+        request was aborted meanwhile or its prompt was rejected."""
+        if self._streams.get(stream.request_id) is not stream or stream.aborting:
+            return  # aborted while tokenizing: the abort command releases it
+        if future.cancelled():
+            self._reject(stream, RequestAbortedError("server stopped"))
+            return
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, ValueError):
+                logger.error("tokenizing request %s failed", stream.request_id, exc_info=error)
+                error = RequestFailedError("tokenizing the prompt failed (details in the server log)")
+            self._reject(stream, error)
+            return
+        self._commands.put(("add", stream, future.result(), params, priority, cache_salt))
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client cancel or deadline); the engine frees its blocks at its
@@ -185,9 +224,9 @@ class AsyncEngine:
             del self._streams[stream.request_id]
 
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: int = 0) -> AsyncIterator[RequestOutput]:
         """add_request + iteration; aborts the request if the consumer stops early."""
-        stream = self.add_request(request_id, prompt, params, priority)
+        stream = self.add_request(request_id, prompt, params, priority, cache_salt)
         try:
             async for output in stream:
                 yield output
@@ -217,7 +256,9 @@ class AsyncEngine:
                 if not self._apply_commands(block):
                     return
                 if self.engine.has_unfinished_requests():
+                    self.step_started_at = time.monotonic()
                     outputs = self.engine.step()
+                    self.step_started_at = None
                     self._stats = self.engine.stats()
                     if outputs:
                         # Snapshot on this thread: the engine may reuse its lists next step.
@@ -241,10 +282,10 @@ class AsyncEngine:
                 keep_running = False
                 break
             if command[0] == "add":
-                _, stream, prompt, params, priority = command
+                _, stream, prompt, params, priority, cache_salt = command
                 try:
                     self.engine.add_request(stream.request_id, prompt, params,
-                                            priority=priority)
+                                            priority=priority, cache_salt=cache_salt)
                 except Exception as exc:  # noqa: BLE001 - a rejection belongs to its request
                     self._post(self._reject, stream, exc)
             elif command[0] == "abort":
@@ -270,6 +311,14 @@ class AsyncEngine:
             if stream is None or stream.aborting:
                 continue  # aborted meanwhile
             stream.started = True
+            if output.error is not None:  # the request failed alone; the engine runs on
+                del self._streams[output.request_id]
+                error = output.error
+                if not isinstance(error, ValueError):
+                    error = RequestFailedError(
+                        "the request failed in the engine (details in the server log)")
+                stream._fail(error)
+                continue
             stream._put(output)
             if output.finished:
                 del self._streams[output.request_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.validation import InvalidArgument
+from pagedserve.server.validation import InvalidArgument, shortest_float32
 from pagedserve.v1 import generate_pb2 as pb
 
 FINISH_REASONS = {
@@ -29,8 +29,16 @@ def to_prompt(request: pb.GenerateRequest) -> str | list[int] | list[dict]:
     return request.prompt
 
 
+# float32 on the wire: read back as the decimal the client wrote (1.0000001, not
+# 1.0000001192092896), so values and error messages are the client's own.
+_FLOATS = frozenset(("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty", "length_penalty"))
+
+
 def to_sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
     kwargs: dict = {name: getattr(sampling, name) for name in _SCALARS if sampling.HasField(name)}
+    for name in _FLOATS & kwargs.keys():
+        kwargs[name] = float(shortest_float32(kwargs[name]))
     kwargs["stop"] = list(sampling.stop)
     kwargs["stop_token_ids"] = list(sampling.stop_token_ids)
     try:

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from pagedserve.server.async_engine import AsyncEngine, EngineNotReadyError
+from pagedserve.server.tenancy import cache_salt, current_tenant
 from pagedserve.server.convert import StreamDeltas, to_prompt, to_response, to_sampling_params
 from pagedserve.server.validation import InvalidArgument, Limits, validate_request
 from pagedserve.v1 import generate_pb2 as pb
@@ -41,7 +42,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_LEN} characters")
         request_id = request.request_id or uuid.uuid4().hex
         params = to_sampling_params(request.sampling)
-        stream = self.engine.generate(request_id, to_prompt(request), params, request.priority)
+        salt = cache_salt(current_tenant.get(), request.cache_salt)
+        stream = self.engine.generate(request_id, to_prompt(request), params, request.priority,
+                                      cache_salt=salt)
         if self.observability is not None:
             stream = self.observability.observe(stream, params, self.model_info.model)
         return params, stream

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from pagedserve.v1 import generate_pb2 as pb
 
 
@@ -17,13 +19,34 @@ class InvalidArgument(ValueError):
     """A bad request; the message starts with the field's name (INVALID_ARGUMENT)."""
 
 
+# A prompt of max_model_len tokens rarely needs more than a few bytes per token; this
+# many bytes per token of max_model_len bounds what is tokenized before its length is
+# known (tokenizing a few MB takes seconds).
+PROMPT_BYTES_PER_TOKEN = 32
+
+
 @dataclass(frozen=True)
 class Limits:
+    """Caps on what one request may ask for, checked before any work is done."""
+
     max_model_len: int
     vocab_size: int
     max_n: int = 16                          # cap for both n and beam_width
     max_stop_strings: int = 16
+    max_stop_string_chars: int = 256         # each stop string is matched every token
+    max_stop_token_ids: int = 1024           # beam search ranks width + this many per beam
+    max_messages: int = 1024
     max_request_bytes: int = 4 * 1024 * 1024  # the server's max_receive_message_length
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """Bytes of prompt text (or of all chat messages' content) accepted."""
+        return PROMPT_BYTES_PER_TOKEN * self.max_model_len
+
+
+def shortest_float32(value: float) -> str:
+    """How a client wrote a float32 proto field: 1.0000001, not 1 or 1.00000011920929."""
+    return str(np.float32(value))
 
 
 def validate_request(request: pb.GenerateRequest, limits: Limits) -> None:
@@ -34,10 +57,12 @@ def validate_request(request: pb.GenerateRequest, limits: Limits) -> None:
         raise InvalidArgument("prompt: one of prompt, prompt_token_ids or messages is required")
     if kind == "prompt" and not request.prompt:
         raise InvalidArgument("prompt must not be empty")
+    if kind == "prompt":
+        _check_prompt_bytes("prompt", len(request.prompt.encode()), limits)
     if kind == "prompt_token_ids":
         _check_token_ids(list(request.prompt_token_ids.ids), limits)
     if kind == "messages":
-        _check_messages(request.messages)
+        _check_messages(request.messages, limits)
     _check_sampling(request.sampling, limits)
 
 
@@ -75,12 +100,25 @@ def _check_token_ids(ids: list[int], limits: Limits) -> None:
                 f"(valid ids are 0..{limits.vocab_size - 1})")
 
 
-def _check_messages(messages: pb.ChatMessages) -> None:
+def _check_prompt_bytes(field: str, size: int, limits: Limits) -> None:
+    if size > limits.max_prompt_bytes:
+        raise InvalidArgument(
+            f"{field} is {size} bytes; the server accepts at most {limits.max_prompt_bytes} "
+            f"({PROMPT_BYTES_PER_TOKEN} bytes per token of max_model_len "
+            f"{limits.max_model_len})")
+
+
+def _check_messages(messages: pb.ChatMessages, limits: Limits) -> None:
     if not messages.messages:
         raise InvalidArgument("messages must not be empty")
+    if len(messages.messages) > limits.max_messages:
+        raise InvalidArgument(f"messages has {len(messages.messages)} entries, more than the "
+                              f"server's cap of {limits.max_messages}")
     for i, message in enumerate(messages.messages):
         if not message.role:
             raise InvalidArgument(f"messages[{i}].role must not be empty")
+    _check_prompt_bytes("messages", sum(len(m.content.encode()) + len(m.role.encode())
+                                        for m in messages.messages), limits)
 
 
 def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
@@ -89,9 +127,11 @@ def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
         if sampling.HasField(name) and not math.isfinite(getattr(sampling, name)):
             raise InvalidArgument(f"sampling.{name} must be a finite number")
     if sampling.HasField("temperature") and sampling.temperature < 0:
-        raise InvalidArgument(f"sampling.temperature must be >= 0, got {sampling.temperature:g}")
+        raise InvalidArgument(
+            f"sampling.temperature must be >= 0, got {shortest_float32(sampling.temperature)}")
     if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {sampling.top_p:g}")
+        raise InvalidArgument(
+            f"sampling.top_p must be in (0, 1], got {shortest_float32(sampling.top_p)}")
     if sampling.HasField("top_k") and sampling.top_k < -1:
         raise InvalidArgument(f"sampling.top_k must be -1 (off) or >= 1, got {sampling.top_k}")
     for name in ("n", "beam_width"):
@@ -106,6 +146,15 @@ def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
         raise InvalidArgument(
             f"sampling.stop has {len(sampling.stop)} strings, more than the server's cap of "
             f"{limits.max_stop_strings}")
+    for i, stop in enumerate(sampling.stop):
+        if len(stop) > limits.max_stop_string_chars:
+            raise InvalidArgument(
+                f"sampling.stop[{i}] has {len(stop)} characters, more than the server's cap "
+                f"of {limits.max_stop_string_chars}")
+    if len(sampling.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidArgument(
+            f"sampling.stop_token_ids has {len(sampling.stop_token_ids)} ids, more than the "
+            f"server's cap of {limits.max_stop_token_ids}")
     for i, token in enumerate(sampling.stop_token_ids):
         if token >= limits.vocab_size:
             raise InvalidArgument(
