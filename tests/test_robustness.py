@@ -113,7 +113,7 @@ def test_offline_api_raises_the_failed_requests_error(llm_engine, monkeypatch):
     from pagedserve import LLM
 
     monkeypatch.setattr(BeamState, "score", lambda self, c, n: 1 / 0)
-    with pytest.raises(RequestFailedError, match="request 0 failed"):
+    with pytest.raises(RequestFailedError, match=r"^request llm-\d+ failed: division by zero$"):
         LLM.from_engine(llm_engine).generate(
             ["Hello"], SamplingParams(beam_width=2, max_tokens=3), use_tqdm=False)
     assert_pool_empty(llm_engine)
