@@ -30,6 +30,16 @@ class LLM:
         llm._ids = itertools.count()
         return llm
 
+    def shutdown(self) -> None:
+        """Stops what the engine started (tensor-parallel workers); also on `with` exit."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -34,7 +34,11 @@ class LLMEngine:
         from pagedserve.model.loader import load_tokenizer, resolve_model
 
         self.config = config
-        if runner is None:
+        if runner is None and config.tensor_parallel_size > 1:
+            from pagedserve.distributed import start_tensor_parallel
+
+            runner = start_tensor_parallel(config, resolve_model(config.model))
+        elif runner is None:
             runner = ModelRunner(config, source=resolve_model(config.model))
         source = runner.source
         self.runner = runner
@@ -100,6 +104,13 @@ class LLMEngine:
     def _forget(self, group: SequenceGroup) -> None:
         for seq in group.seqs:
             self._detokenizers.pop(seq.seq_id, None)
+
+    def shutdown(self) -> None:
+        """Releases what outlives the engine object: the tensor-parallel workers
+        (stopped and joined). Nothing to do on a single device."""
+        close = getattr(self.runner, "shutdown", None)
+        if close is not None:
+            close()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

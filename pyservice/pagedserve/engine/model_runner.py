@@ -7,6 +7,11 @@ makes no scheduling decisions. Block counts are decided here (memory profiling o
 On CUDA, decode-only steps replay captured CUDA graphs (engine/cuda_graphs.py) and
 every other step's inputs go up from pinned memory without synchronising; on CPU a
 step runs exactly as it always has.
+
+Tensor parallelism (pagedserve/distributed) touches this module in three places: the
+runner is built for one rank (`tp`: its slice of the model, its KV heads), the
+block counts are the minimum over ranks, and on the driver `peers` sends each step's
+cache ops and host-side inputs to the workers before the forward.
 """
 
 from __future__ import annotations
@@ -26,11 +31,27 @@ from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers import AttentionMetadata
 from pagedserve.model.loader import (ModelSource, load_model, load_model_config,
                                      resolve_max_model_len, resolve_model)
+from pagedserve.model.parallel import SINGLE, TensorParallel, kv_heads_per_rank
 from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 _GIB = 1 << 30
 _TORCH_INT = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+@dataclass
+class HostInputs:
+    """A step's flat inputs on the host, before the upload (what a tensor-parallel
+    driver sends its workers: each rank uploads them itself)."""
+
+    int64: list[np.ndarray]  # slot mapping, token ids, positions, logit rows
+    int32: list[np.ndarray]  # prefill tables, query starts, context lens; decode tables,
+    # context lens; [FlashAttention cumulative lengths]
+    num_prefill_tokens: int
+    flash: tuple[int, int, int] | None  # (num_paged_prefills, flash_token_start, flash_max_len)
+    order: list[int]
+    sample_works: list[int]
+    first_rows: list[int]
 
 
 @dataclass
@@ -82,12 +103,17 @@ def _feed_tokens(ids: torch.Tensor, rows: list[int], tokens: torch.Tensor, src: 
 class ModelRunner:
     """`num_gpu_blocks` / `num_cpu_blocks` left None are sized by `profile_num_blocks`
     (the resulting counts are on the instance, for the block manager). `cuda_graphs`:
-    capture decode graphs on CUDA (False: every step eager, for comparisons)."""
+    capture decode graphs on CUDA (False: every step eager, for comparisons). `tp`: this
+    rank's place in a tensor-parallel group (its slice of the model and KV heads)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None,
                  num_gpu_blocks: int | None = None, num_cpu_blocks: int | None = None,
-                 source: ModelSource | None = None, cuda_graphs: bool = True):
+                 source: ModelSource | None = None, cuda_graphs: bool = True,
+                 tp: TensorParallel = SINGLE):
         self.config = config
+        self.tp = tp
+        # Set on the tensor-parallel driver once the workers are up (distributed.StepSender).
+        self.peers = None
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
@@ -96,7 +122,8 @@ class ModelRunner:
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
         self.model = load_model(self.source, self.model_config, device=str(self.device),
                                 dtype=self.dtype, max_model_len=self.max_model_len,
-                                load_format=config.load_format, seed=config.seed)
+                                load_format=config.load_format, seed=config.seed, tp=tp)
+        self.num_kv_heads = kv_heads_per_rank(self.model_config.num_kv_heads, tp.size)
         self.sampler = Sampler(self.device, seed=config.seed)
         self.gpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -114,17 +141,19 @@ class ModelRunner:
         self._allocate_caches()
         log.info("KV cache: %d device blocks, %d swap blocks of %d tokens (%.1f MiB each)",
                  num_gpu_blocks, num_cpu_blocks, self.block_size, self.block_bytes / (1 << 20))
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and self.device.type == "cuda" and tp.size == 1:
             mc = self.model_config
             self.graphs = DecodeGraphs(
                 self.model, max_batch=config.max_num_seqs, max_model_len=self.max_model_len,
-                block_size=self.block_size, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                block_size=self.block_size, num_heads=mc.num_heads, num_kv_heads=self.num_kv_heads,
                 head_dim=mc.head_dim, dtype=self.dtype, device=self.device)
             self.graphs.capture()
 
     @property
     def block_bytes(self) -> int:
-        return self.model_config.kv_block_bytes(self.block_size, self.dtype.itemsize)
+        """Bytes of one block on this rank (its own KV heads)."""
+        mc = self.model_config
+        return mc.kv_block_bytes(self.block_size, self.dtype.itemsize) * self.num_kv_heads // mc.num_kv_heads
 
     @property
     def vocab_size(self) -> int:
@@ -147,6 +176,7 @@ class ModelRunner:
             num_gpu = int(cfg.kv_cache_gb * _GIB // self.block_bytes)
         else:
             num_gpu = self._profile_gpu()
+        num_gpu = self.tp.min_over_ranks(num_gpu)
         if num_gpu < 1:
             what = "kv_cache_gb" if self.device.type != "cuda" else "gpu_memory_utilization"
             raise ValueError(f"{what} leaves no room for a single KV block "
@@ -195,7 +225,7 @@ class ModelRunner:
     def _new_pools(self, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (key, value) pool pair per layer, in the layout the ops chose."""
         mc = self.model_config
-        return [ops.allocate_kv_cache(num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim,
+        return [ops.allocate_kv_cache(num_blocks, self.block_size, self.num_kv_heads, mc.head_dim,
                                       self.dtype, device) for _ in range(mc.num_layers)]
 
     def _allocate_caches(self) -> None:
@@ -237,6 +267,10 @@ class ModelRunner:
         `previous`: the step before, still in flight, whose sampled tokens this batch's
         `feed_from_previous` decodes take as input, on the device."""
         self._cache_ops(batch)
+        if self.peers is not None:  # tensor parallel: the workers run this step too
+            self.peers.begin(batch)
+            if not batch.work:
+                self.peers.send_step(None)
         if not batch.work:
             return PendingStep([], [], None)
         feed = None
@@ -247,7 +281,7 @@ class ModelRunner:
                     [previous.row_of[j] for _, j in batch.feed_from_previous],
                     previous.samples.tokens)
         logits, sample_works = self.forward_logits(batch.work, feed)
-        if not sample_works:
+        if logits is None:  # nothing samples, or a tensor-parallel worker (no logits)
             return PendingStep(batch.work, [], None)
         works = [batch.work[i] for i in sample_works]
         if any(w.params.beam_width > 1 for w in works):  # beam search ranks on the host
@@ -273,10 +307,16 @@ class ModelRunner:
                 rows = torch.tensor(sample_works, dtype=torch.int64).pin_memory()
                 hidden = hidden[rows.to(self.device, non_blocking=True)]
             return self.model.compute_logits(hidden), sample_works
-        inputs = self.prepare_inputs(work)
+        host = self.host_inputs(work)
+        feed_rows = None
         if feed is not None:  # rows of the packed tokens: prompt chunks come first
-            row = {i: inputs.first_rows[r] for r, i in enumerate(inputs.order)}
-            _feed_tokens(inputs.input_ids, [row[i] for i in feed[0]], feed[2], feed[1])
+            row = {i: host.first_rows[r] for r, i in enumerate(host.order)}
+            feed_rows = [row[i] for i in feed[0]]
+        if self.peers is not None:
+            self.peers.send_step(host, feed_rows, feed)
+        inputs = self.upload_inputs(host)
+        if feed is not None:
+            _feed_tokens(inputs.input_ids, feed_rows, feed[2], feed[1])
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
         if not inputs.sample_works:
             return None, []
@@ -302,6 +342,10 @@ class ModelRunner:
     def prepare_inputs(self, work: list[SeqWork]) -> StepInputs:
         """Flat, unpadded inputs: multi-token sequences first, then decodes. With
         FlashAttention prefill, chunks over a cached context precede whole-context ones."""
+        return self.upload_inputs(self.host_inputs(work))
+
+    def host_inputs(self, work: list[SeqWork]) -> HostInputs:
+        """prepare_inputs' arrays, still on the host."""
         multi = [i for i, w in enumerate(work) if len(w.token_ids) > 1]
         if self.flash_prefill:
             multi = ([i for i in multi if work[i].start_pos > 0]
@@ -336,34 +380,44 @@ class ModelRunner:
                                 count=int(ends[-1]))
         npf = int(ends[num_prefills - 1]) if num_prefills else 0
         sampling = [r for r, w in enumerate(seqs) if w.sample]
-        slot_t, ids_t, pos_t, rows_t = self._upload(
-            [slots, token_ids, positions, ends[sampling] - 1], np.int64)
+        int64 = [slots, token_ids, positions, ends[sampling] - 1]
         # Whole-context chunks (ordered last among the prefills) for FlashAttention.
         num_paged = sum(1 for w in seqs[:num_prefills] if w.start_pos > 0)
         flash = self.flash_prefill and num_paged < num_prefills
         fresh = lens[num_paged:num_prefills]
         int32 = [tables[:num_prefills], np.concatenate(([0], ends[:num_prefills])),
                  context[:num_prefills], tables[num_prefills:], context[num_prefills:]]
+        flash_args = None
         if flash:
             int32.append(np.concatenate(([0], np.cumsum(fresh))))
-        pf_tables, qsl, pf_ctx, dec_tables, dec_ctx, *flash_cu = self._upload(int32, np.int32)
+            flash_args = (num_paged, int(ends[num_paged - 1]) if num_paged else 0, int(fresh.max()))
+        return HostInputs(int64, int32, npf, flash_args, order, [order[r] for r in sampling],
+                          (ends - lens).tolist())
+
+    def upload_inputs(self, host: HostInputs) -> StepInputs:
+        """The step's tensors on the runner's device and its attention metadata."""
+        slot_t, ids_t, pos_t, rows_t = self._upload(host.int64, np.int64)
+        pf_tables, qsl, pf_ctx, dec_tables, dec_ctx, *flash_cu = self._upload(host.int32, np.int32)
         md = AttentionMetadata(
             slot_mapping=slot_t,
-            num_prefill_tokens=npf,
+            num_prefill_tokens=host.num_prefill_tokens,
             prefill_block_tables=pf_tables,
             prefill_query_start_loc=qsl,
             prefill_context_lens=pf_ctx,
             decode_block_tables=dec_tables,
             decode_context_lens=dec_ctx,
         )
-        if flash:
+        if host.flash is not None:
             md.flash_cu_seqlens = flash_cu[0]
-            md.num_paged_prefills = num_paged
-            md.flash_token_start = int(ends[num_paged - 1]) if num_paged else 0
-            md.flash_max_len = int(fresh.max())
-        return StepInputs(input_ids=ids_t, positions=pos_t, metadata=md, order=order,
-                          logit_rows=rows_t, sample_works=[order[r] for r in sampling],
-                          first_rows=(ends - lens).tolist())
+            md.num_paged_prefills, md.flash_token_start, md.flash_max_len = host.flash
+        return StepInputs(input_ids=ids_t, positions=pos_t, metadata=md, order=host.order,
+                          logit_rows=rows_t, sample_works=host.sample_works,
+                          first_rows=host.first_rows)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do on a single device)."""
+        if self.peers is not None:
+            self.peers.shutdown()
 
     def _upload(self, arrays: list[np.ndarray], dtype) -> list[torch.Tensor]:
         """The arrays as tensors of `dtype` on the runner's device, shapes kept. On

@@ -22,7 +22,8 @@ from typing import Iterator
 import torch
 
 from pagedserve.model.config import ModelConfig
-from pagedserve.model.llama import LlamaForCausalLM
+from pagedserve.model.llama import LlamaForCausalLM, fused_checkpoint_names
+from pagedserve.model.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,23 @@ def resolve_max_model_len(requested: int | None, cfg: ModelConfig) -> int:
 
 
 def load_model(source: ModelSource, cfg: ModelConfig, *, device: str, dtype: torch.dtype,
-               max_model_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill its weights."""
+               max_model_len: int, load_format: str = "auto", seed: int = 0,
+               tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
+    """Build the model on `device` in `dtype` and fill its weights: with tensor
+    parallelism, only this rank's slice of them."""
+    if tp.size > 1 and source.gguf_file and load_format != "dummy":
+        raise ValueError(f"{source.origin}: GGUF models load with tensor_parallel_size 1 only; "
+                         "use a Hugging Face safetensors directory for tensor parallelism")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=max_model_len)
+        model = LlamaForCausalLM(cfg, max_positions=max_model_len, tp=tp)
     model.to(dtype)
     model.to_empty(device=device)  # no wasted random init of weights about to be replaced
     model.tie_weights()
     model.model.rotary_emb.reset()
-    if load_format == "dummy":
+    if load_format == "dummy" and tp.size == 1:
         _init_dummy(model, seed)
+    elif load_format == "dummy":
+        model.load_weights(_dummy_checkpoint(cfg, seed, device, dtype))
     elif source.gguf_file:
         _load_gguf(model, source)
     else:
@@ -134,7 +142,31 @@ def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
             p.normal_(0.0, 0.02, generator=gen)
 
 
-def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def _dummy_checkpoint(cfg: ModelConfig, seed: int, device: str,
+                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights `_init_dummy` gives the single-device model, drawn in the same order
+    from the same generator, one full tensor at a time, under checkpoint names: a
+    tensor-parallel rank keeps its slice, so any size serves the same random model."""
+    with torch.device("meta"):
+        whole = LlamaForCausalLM(cfg, max_positions=1)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in whole.named_parameters():
+        full = torch.empty(p.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            full.fill_(1.0)
+        elif name.endswith(".bias"):
+            full.zero_()
+        else:
+            full.normal_(0.0, 0.02, generator=gen)
+        names = fused_checkpoint_names(name)
+        sizes = whole.get_submodule(name.rpartition(".")[0]).output_sizes if len(names) > 1 else [p.shape[0]]
+        yield from zip(names, full.split(sizes))
+
+
+def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, object]]:
+    """(name, tensor) of every checkpoint tensor. From safetensors the "tensor" is a
+    memory-mapped slice: the loading layer indexes the part its rank keeps, and only
+    those bytes are read."""
     files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
     if not files:  # e.g. pytorch_model.bin only: let transformers read it
         from transformers import AutoModelForCausalLM
@@ -147,7 +179,7 @@ def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         with safe_open(f, framework="pt", device="cpu") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield name, st.get_slice(name)
 
 
 def _load_gguf(model: LlamaForCausalLM, source: ModelSource) -> None:

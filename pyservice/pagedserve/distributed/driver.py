@@ -1,0 +1,265 @@
+"""The driver's side of tensor parallelism: start the workers, watch them, stop them.
+
+`start_tensor_parallel` returns a runner the engine uses like a ModelRunner: rank 0's
+own runner (its slice of the model) whose steps are broadcast to the workers first.
+
+Faults: a watcher thread waits on every spawned worker's exit and report pipe. When
+one raises or dies, it records why, kills the other workers (nobody waits on a
+collective that cannot finish) and calls the failure callbacks; the driver's current
+or next step then raises `WorkerFailedError` naming the rank, which fails the engine
+(in-flight requests end with an error, health turns NOT_SERVING).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import Callable
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.distributed.group import Placement, join_group, leave_group, placement_from_env
+from pagedserve.distributed.step import StepSender
+from pagedserve.distributed.worker import backend_for, build_rank_runner, weight_bytes, worker_main
+from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.model.loader import ModelSource, load_model_config
+from pagedserve.model.parallel import check_shardable
+
+log = logging.getLogger(__name__)
+_JOIN_S = 30.0  # how long a stopping worker gets before it is killed
+_DIAGNOSE_S = 5.0  # how long a failed step waits for the watcher to name the cause
+
+
+class WorkerFailedError(RuntimeError):
+    """A tensor-parallel worker raised or died; the engine cannot continue."""
+
+
+class WorkerSet:
+    """The spawned worker processes of this node and a thread watching them."""
+
+    def __init__(self, placement: Placement, config: EngineConfig, source: ModelSource):
+        ctx = torch.multiprocessing.get_context("spawn")
+        threads = max(1, torch.get_num_threads() // placement.local_ranks)
+        self.procs: dict[int, object] = {}
+        self.conns: dict[int, object] = {}
+        self.ready: dict[int, tuple[int, int]] = {}  # rank -> (pid, weight bytes)
+        self.failure: WorkerFailedError | None = None
+        self.stopping = False
+        self._callbacks: list[Callable[[BaseException], None]] = []
+        self._changed = threading.Condition()
+        for rank in placement.spawned_ranks:
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=worker_main, name=f"pagedserve-tp{rank}", daemon=True,
+                               args=(rank, placement, config, source, threads, writer, os.getpid()))
+            proc.start()
+            writer.close()
+            self.procs[rank], self.conns[rank] = proc, reader
+        self._thread = threading.Thread(target=self._watch, name="pagedserve-tp-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def pids(self) -> dict[int, int]:
+        return {rank: proc.pid for rank, proc in self.procs.items()}
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        self._callbacks.append(callback)
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while len(self.ready) < len(self.procs) and self.failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(self.procs) - set(self.ready))
+                    raise WorkerFailedError(f"tensor-parallel ranks {missing} did not finish "
+                                            f"loading within {timeout_s:g}s")
+                self._changed.wait(left)
+        self.check()
+
+    def wait_failure(self, timeout_s: float) -> WorkerFailedError | None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.failure is not None, timeout_s)
+        return self.failure
+
+    def _watch(self) -> None:
+        conns = {conn: rank for rank, conn in self.conns.items()}
+        sentinels = {proc.sentinel: rank for rank, proc in self.procs.items()}
+        while conns or sentinels:
+            for handle in wait(list(conns) + list(sentinels)):
+                if handle in conns:
+                    self._read(handle, conns)
+                elif handle in sentinels:
+                    rank = sentinels.pop(handle)
+                    conn = self.conns[rank]
+                    while conn in conns and conn.poll():  # its last report explains the exit
+                        self._read(conn, conns)
+                    proc = self.procs[rank]
+                    proc.join()
+                    if not self.stopping:
+                        self._fail(f"tensor-parallel worker rank {rank} (pid {proc.pid}) "
+                                   f"exited with status {proc.exitcode}")
+
+    def _read(self, conn, conns: dict) -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            del conns[conn]
+            return
+        if message[0] == "ready":
+            _, rank, pid, nbytes = message
+            with self._changed:
+                self.ready[rank] = (pid, nbytes)
+                self._changed.notify_all()
+        elif message[0] == "error":
+            _, rank, text = message
+            self._fail(f"tensor-parallel worker rank {rank} failed:\n{text}")
+
+    def _fail(self, reason: str) -> None:
+        with self._changed:
+            if self.failure is not None:
+                return
+            self.failure = WorkerFailedError(reason)
+            self._changed.notify_all()
+        log.error("%s; stopping the other workers", reason)
+        self.kill()
+        for callback in self._callbacks:
+            try:
+                callback(self.failure)
+            except Exception:  # noqa: BLE001 - one broken callback must not hide the fault
+                log.exception("tensor-parallel failure callback raised")
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+
+    def join(self, timeout_s: float = _JOIN_S) -> None:
+        """Waits for every worker to exit (killing those still there after the timeout)."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.is_alive():
+                log.warning("tensor-parallel worker pid %d did not stop; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+        self._thread.join(timeout_s)
+
+
+class TensorParallelRunner:
+    """Rank 0's ModelRunner (every attribute the engine reads comes from it) whose
+    steps the workers run too. A step that fails because a worker went away raises
+    WorkerFailedError naming it."""
+
+    def __init__(self, runner: ModelRunner, workers: WorkerSet, placement: Placement, nbytes: int):
+        self.runner = runner
+        self.workers = workers
+        self.placement = placement
+        self._closed = False
+        self.rank_weight_bytes = [nbytes] + [workers.ready[r][1] for r in sorted(workers.ready)]
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        return self.workers.pids
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """`callback(error)` from the watcher thread when a worker fails, even while idle."""
+        self.workers.on_failure(callback)
+
+    def launch(self, batch, previous=None):
+        self.workers.check()
+        try:
+            return self.runner.launch(batch, previous)
+        except Exception as exc:
+            failure = self.workers.wait_failure(_DIAGNOSE_S)
+            self.close()
+            if failure is not None and failure is not exc:
+                raise failure from exc
+            raise
+
+    def execute(self, batch):
+        return self.launch(batch).results()
+
+    def shutdown(self) -> None:
+        """Stops the workers (they leave the group and exit) and joins them."""
+        if self._closed:
+            return
+        if self.workers.failure is None:
+            self.workers.stopping = True
+            try:
+                self.runner.peers.send_stop()
+            except Exception:  # noqa: BLE001 - a broken group: the workers get killed below
+                log.exception("could not send the stop message to the workers")
+                self.workers.kill()
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.workers.join()
+        if self.workers.failure is not None:
+            _abort_group()
+        else:
+            leave_group()
+
+
+def _abort_group() -> None:
+    """Drops the process group without the collective teardown a dead peer cannot join."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception:  # noqa: BLE001 - gloo or an older torch: a plain destroy is enough
+        dist.destroy_process_group()
+
+
+def start_tensor_parallel(config: EngineConfig, source: ModelSource) -> TensorParallelRunner:
+    """Spawns this node's workers, joins the group as rank 0 and loads rank 0's slice."""
+    tp = config.tensor_parallel_size
+    if source.gguf_file:
+        raise ValueError(f"{source.origin}: GGUF models load with tensor_parallel_size 1 only; "
+                         "use a Hugging Face safetensors directory for tensor parallelism")
+    mc = load_model_config(source)
+    check_shardable(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, tp)
+    placement = placement_from_env(tp)
+    if not placement.is_driver:
+        raise ValueError(f"this process is tensor-parallel rank {placement.first_rank} "
+                         f"({placement.source} placement): it runs as a worker, not an engine")
+    if config.on_gpu and torch.cuda.device_count() < placement.local_ranks:
+        raise ValueError(f"tensor_parallel_size {tp} needs {placement.local_ranks} GPUs on this "
+                         f"node; {torch.cuda.device_count()} visible")
+    workers = WorkerSet(placement, config, source)
+    try:
+        control = join_group(placement, 0, backend_for(config), config.distributed_timeout_s)
+        runner = build_rank_runner(config, source, placement, 0)
+        workers.wait_ready(config.distributed_timeout_s)
+    except BaseException as exc:
+        failure = workers.failure or (workers.wait_failure(_DIAGNOSE_S)
+                                      if not isinstance(exc, ValueError) else None)
+        workers.kill()
+        workers.join()
+        _abort_group()
+        if failure is not None and failure is not exc:
+            raise failure from exc
+        raise
+    runner.peers = StepSender(control, runner.device, workers.check)
+    log.info("tensor parallel: %d ranks (%s placement), rank 0 weights %.1f MiB", tp,
+             placement.source, weight_bytes(runner.model) / (1 << 20))
+    return TensorParallelRunner(runner, workers, placement, weight_bytes(runner.model))
