@@ -4,8 +4,8 @@ process-group setup (group.py), the per-step message (step.py), the worker loop
 The sharded layers themselves live in model/parallel.py."""
 
 from pagedserve.distributed.driver import (TensorParallelRunner, WorkerFailedError,
-                                           start_tensor_parallel)
+                                           serve_as_worker, start_tensor_parallel)
 from pagedserve.distributed.group import GroupJoinError, Placement, placement_from_env
 
 __all__ = ["GroupJoinError", "Placement", "TensorParallelRunner", "WorkerFailedError",
-           "placement_from_env", "start_tensor_parallel"]
+           "placement_from_env", "serve_as_worker", "start_tensor_parallel"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import wait
@@ -48,6 +49,7 @@ class WorkerSet:
         self.conns: dict[int, object] = {}
         self.ready: dict[int, tuple[int, int]] = {}  # rank -> (pid, weight bytes)
         self.failure: WorkerFailedError | None = None
+        self._exited: set[int] = set()  # reaped by the watcher, the only thread that reaps
         self.stopping = False
         self._callbacks: list[Callable[[BaseException], None]] = []
         self._changed = threading.Condition()
@@ -103,6 +105,7 @@ class WorkerSet:
                         self._read(conn, conns)
                     proc = self.procs[rank]
                     proc.join()
+                    self._exited.add(rank)
                     if not self.stopping:
                         self._fail(f"tensor-parallel worker rank {rank} (pid {proc.pid}) "
                                    f"exited with status {proc.exitcode}")
@@ -137,22 +140,23 @@ class WorkerSet:
                 log.exception("tensor-parallel failure callback raised")
 
     def kill(self) -> None:
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.kill()
+        for rank, proc in self.procs.items():
+            if rank not in self._exited:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # exited meanwhile
 
     def join(self, timeout_s: float = _JOIN_S) -> None:
-        """Waits for every worker to exit (killing those still there after the timeout)."""
+        """Waits until every worker has exited and been reaped (by the watcher, which
+        ends then), killing those still there after the timeout."""
         self.stopping = True
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            if proc.is_alive():
-                log.warning("tensor-parallel worker pid %d did not stop; killing it", proc.pid)
-                proc.kill()
-                proc.join()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("tensor-parallel workers %s did not stop within %gs; killing them",
+                        sorted(set(self.procs) - self._exited), timeout_s)
+            self.kill()
+            self._thread.join()
 
 
 class TensorParallelRunner:
@@ -260,6 +264,31 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource) -> TensorPa
             raise failure from exc
         raise
     runner.peers = StepSender(control, runner.device, workers.check)
-    log.info("tensor parallel: %d ranks (%s placement), rank 0 weights %.1f MiB", tp,
-             placement.source, weight_bytes(runner.model) / (1 << 20))
+    log.info("tensor parallel: %d ranks (%s placement), rank 0 weights %.1f MiB, "
+             "worker pids %s", tp, placement.source, weight_bytes(runner.model) / (1 << 20),
+             " ".join(f"rank{r}={pid}" for r, pid in workers.pids.items()))
     return TensorParallelRunner(runner, workers, placement, weight_bytes(runner.model))
+
+
+def serve_as_worker(config: EngineConfig) -> bool:
+    """On a node whose first rank is not 0 (a LeaderWorkerSet worker pod, a torchrun
+    rank > 0): run this node's ranks until the driver stops them, and return True.
+    False on the driver's node, which builds the engine instead."""
+    from pagedserve.distributed.worker import run_rank
+    from pagedserve.model.loader import resolve_model
+
+    placement = placement_from_env(config.tensor_parallel_size)
+    if placement.is_driver:
+        return False
+    source = resolve_model(config.model)
+    log.info("tensor-parallel worker node: ranks %d..%d of %d, group at %s:%d",
+             placement.first_rank, placement.first_rank + placement.local_ranks - 1,
+             placement.world_size, placement.address, placement.port)
+    workers = WorkerSet(placement, config, source)
+    try:
+        run_rank(placement.first_rank, placement, config, source,
+                 max(1, torch.get_num_threads() // placement.local_ranks))
+    finally:
+        workers.stopping = True
+        workers.join()
+    return True

@@ -96,11 +96,22 @@ def join_group(placement: Placement, rank: int, backend: str, timeout_s: float):
     except Exception as exc:  # noqa: BLE001 - every failure to meet is the same story
         if dist.is_initialized():
             dist.destroy_process_group()
+        else:
+            _reset_group_names()
         raise GroupJoinError(
             f"tensor-parallel rank {rank} of {placement.world_size} could not join the process "
             f"group at {placement.address}:{placement.port} ({placement.source} placement) "
             f"within {timeout_s:g}s: {exc}") from exc
     return control
+
+
+def _reset_group_names() -> None:
+    """A failed init_process_group has still used up a group name (torch numbers
+    them), and the next group this process forms would look for its peers under the
+    wrong one: start counting again, as destroy_process_group does."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d._world.group_count = 0
 
 
 def leave_group() -> None:

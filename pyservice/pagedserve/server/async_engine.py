@@ -124,6 +124,10 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         self._stats = self.engine.stats()
+        # Tensor-parallel workers can die while the engine idles: fail it then too.
+        watch = getattr(getattr(self.engine, "runner", None), "on_failure", None)
+        if watch is not None:
+            watch(lambda exc: self._commands.put(("fail", exc)))
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
@@ -134,6 +138,9 @@ class AsyncEngine:
             self._commands.put(("stop",))
             await asyncio.to_thread(self._thread.join)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        shutdown = getattr(self.engine, "shutdown", None)  # e.g. join tensor-parallel workers
+        if shutdown is not None:
+            await asyncio.to_thread(shutdown)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """Called on the event loop once, when the engine loop dies."""
@@ -281,6 +288,8 @@ class AsyncEngine:
             if command[0] == "stop":
                 keep_running = False
                 break
+            if command[0] == "fail":
+                raise command[1]
             if command[0] == "add":
                 _, stream, prompt, params, priority, cache_salt = command
                 try:

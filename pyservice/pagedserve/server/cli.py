@@ -95,6 +95,11 @@ def run_serve(args: argparse.Namespace) -> int:
     # Bad settings raise ValueError; pagedserve.cli prints it without a traceback.
     config = server_config_from_args(args)
     engine_config = engine_config_from_args(args)
+    if engine_config.tensor_parallel_size > 1:
+        from pagedserve.distributed import serve_as_worker
+
+        if serve_as_worker(engine_config):  # a worker pod/rank: no gRPC server here
+            return 0
 
     def make_engine():
         from pagedserve.engine.llm_engine import LLMEngine
