@@ -81,6 +81,23 @@ VALUE_SETS = {
                 "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "pagedserve"}}}}]}},
     },
     "auth-token": {"auth": {"enabled": True, "token": "s3cret"}},
+    # Llama-3.3-70B over 4 GPUs of one node.
+    "tensor-parallel": {
+        "engine": {"tensorParallelSize": 4},
+        "resources": {"requests": {"nvidia.com/gpu": 4}, "limits": {"nvidia.com/gpu": 4}},
+    },
+    # Over two nodes of 8 GPUs: one LeaderWorkerSet group of 2 pods per replica.
+    "multi-node": {
+        "replicaCount": 2,
+        "engine": {"tensorParallelSize": 16},
+        "multiNode": {"enabled": True, "groupSize": 2},
+        "model": {"source": "pvc", "pvc": {"claimName": "models"}, "path": "llama-3.1-405b"},
+        "resources": {"requests": {"nvidia.com/gpu": 8}, "limits": {"nvidia.com/gpu": 8}},
+        "networkPolicy": {"enabled": True},
+        "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3,
+                        "metric": {"name": "pagedserve:kv_cache_usage_perc",
+                                   "targetAverageValue": "800m"}},
+    },
 }
 
 
@@ -133,7 +150,48 @@ SERVICE_MONITOR_SPEC_KEYS = {"selector", "namespaceSelector", "endpoints"}
 SERVICE_MONITOR_ENDPOINT_KEYS = {"port", "path", "interval", "scrapeTimeout"}
 
 
+# LeaderWorkerSet is a CRD too (kubernetes-sigs/lws): its v1 openAPIV3Schema is vendored
+# in tests/data with the two pod templates cut out; those are core/v1 PodTemplateSpecs
+# and go through Kubernetes' own schema instead.
+LWS_SCHEMA = ROOT / "tests" / "data" / "leaderworkerset-v1.schema.json"
+
+
+def _strict(schema):
+    """A CRD structural schema as JSON Schema: fields it does not declare are refused
+    (the API server's strict field validation), int-or-string honoured."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_leader_worker_set(obj):
+    import json
+
+    import jsonschema
+
+    assert obj["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    schema = _strict(json.loads(LWS_SCHEMA.read_text())["openAPIV3Schema"])
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(obj))
+    assert not errors, [f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors]
+    for role in ("leaderTemplate", "workerTemplate"):
+        validate({"apiVersion": "v1", "kind": "PodTemplate",
+                  "metadata": {"name": f"{obj['metadata']['name']}-{role}"},
+                  "template": obj["spec"]["leaderWorkerTemplate"][role]})
+
+
 def validate(obj):
+    if obj["kind"] == "LeaderWorkerSet":
+        validate_leader_worker_set(obj)
+        return
     if obj["kind"] == "ServiceMonitor":
         assert obj["apiVersion"] == "monitoring.coreos.com/v1"
         assert set(obj) == SERVICE_MONITOR_KEYS
@@ -159,6 +217,8 @@ EXPECTED_KINDS = {
                    "Service", "ServiceAccount", "ServiceMonitor"],
     "auth-token": ["ConfigMap", "Deployment", "Pod", "PodDisruptionBudget", "Secret",
                    "Service", "ServiceAccount"],
+    "multi-node": ["ConfigMap", "HorizontalPodAutoscaler", "LeaderWorkerSet", "NetworkPolicy",
+                   "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"],
 }
 
 
@@ -209,6 +269,7 @@ def test_default_values(chart):
         "PAGEDSERVE_PREEMPTION_MODE": "auto",
         "PAGEDSERVE_ENABLE_PREFIX_CACHING": "true",
         "PAGEDSERVE_LOAD_FORMAT": "auto",
+        "PAGEDSERVE_TENSOR_PARALLEL_SIZE": "1",
         # No PAGEDSERVE_MODEL: the server's default is the model embedded in the image.
         "PAGEDSERVE_CACHE_DIR": "/var/cache/pagedserve",
         "HF_HOME": "/var/cache/pagedserve/huggingface",
@@ -446,11 +507,65 @@ def test_schema_refuses_bad_values(chart, values, message):
     ({"podDisruptionBudget": {"maxUnavailable": None}},
      "podDisruptionBudget.enabled needs podDisruptionBudget.maxUnavailable"),
     ({"resources": NO_GPU}, 'engine.device is "cuda" but resources.limits requests no nvidia.com/'),
+    ({"engine": {"tensorParallelSize": 8}, "multiNode": {"enabled": True, "groupSize": 3}},
+     "multiNode.groupSize (3) must divide engine.tensorParallelSize (8)"),
 ])
 def test_template_refuses_inconsistent_values(chart, values, message):
     with pytest.raises(helm.HelmRenderError) as err:
         chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
     assert message in str(err.value)
+
+
+def test_tensor_parallel_on_one_node(chart):
+    objs = render(chart, VALUE_SETS["tensor-parallel"])
+    c = container(objs)
+    assert env(c)["PAGEDSERVE_TENSOR_PARALLEL_SIZE"] == "4"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert volumes(objs)["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert mounts(c)["dshm"]["mountPath"] == "/dev/shm"
+    assert "dshm" not in volumes(render(chart, {}))  # one GPU: nothing to share
+
+
+def test_multi_node_renders_a_leader_worker_set(chart):
+    objs = render(chart, VALUE_SETS["multi-node"])
+    assert not [o for o in objs if o["kind"] == "Deployment"]
+    lws = one(objs, "LeaderWorkerSet")
+    spec = lws["spec"]
+    assert "replicas" not in spec and spec["startupPolicy"] == "LeaderCreated"  # the HPA's
+    group = spec["leaderWorkerTemplate"]
+    assert group["size"] == 2 and group["restartPolicy"] == "RecreateGroupOnPodRestart"
+    leader, = group["leaderTemplate"]["spec"]["containers"]
+    worker, = group["workerTemplate"]["spec"]["containers"]
+    for c in (leader, worker):  # the same command; the LWS_* variables pick the role
+        assert c["args"] == ["serve"]
+        assert env(c)["PAGEDSERVE_TENSOR_PARALLEL_SIZE"] == "16"
+        assert env(c)["PAGEDSERVE_MODEL"] == "/models/llama-3.1-405b"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert mounts(c)["dshm"]["mountPath"] == "/dev/shm"
+    assert {p["name"] for p in leader["ports"]} == {"grpc", "metrics"}
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(leader)
+    assert not {"ports", "startupProbe", "readinessProbe", "livenessProbe"} & set(worker)
+    service = one(objs, "Service")
+    assert service["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+    hpa = one(objs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (hpa["apiVersion"], hpa["kind"]) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
+    rules = one(objs, "NetworkPolicy")["spec"]["ingress"]
+    assert {"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "pagedserve", "app.kubernetes.io/instance": RELEASE}}}]} in rules
+
+
+def test_leader_worker_set_schema_refuses_what_the_crd_refuses(chart):
+    lws = one(render(chart, VALUE_SETS["multi-node"]), "LeaderWorkerSet")
+    for path, value in ((("spec", "leaderWorkerTemplate", "restartPolicy"), "Always"),
+                        (("spec", "leaderWorkerTemplate", "sizee"), 2),
+                        (("spec", "replicas"), "two")):
+        bad = yaml.safe_load(yaml.safe_dump(lws))
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(AssertionError):
+            validate_leader_worker_set(bad)
 
 
 # ---- the Dockerfile the chart runs ------------------------------------------------------
@@ -658,7 +773,8 @@ ENV_ONLY = {"PAGEDSERVE_CACHE_DIR"}  # read directly, not a flag
 def test_every_pagedserve_variable_is_a_serve_flag(chart):
     names = set()
     for values in (VALUE_SETS["production"], VALUE_SETS["tls"], VALUE_SETS["hostpath"],
-                   {"engine": {"numKvBlocks": 64, "kvCacheGb": 1, "maxNumSeqs": 8},
+                   {"engine": {"numKvBlocks": 64, "kvCacheGb": 1, "maxNumSeqs": 8,
+                               "tensorParallelSize": 2},
                     "server": {"maxN": 4, "maxStopStrings": 8}}):
         names |= {n for n in env(container(render(chart, values)))
                   if n.startswith("PAGEDSERVE_")}

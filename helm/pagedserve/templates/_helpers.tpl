@@ -148,6 +148,7 @@ maxModelLen: PAGEDSERVE_MAX_MODEL_LEN
 enablePrefixCaching: PAGEDSERVE_ENABLE_PREFIX_CACHING
 seed: PAGEDSERVE_SEED
 loadFormat: PAGEDSERVE_LOAD_FORMAT
+tensorParallelSize: PAGEDSERVE_TENSOR_PARALLEL_SIZE
 {{- end }}
 
 {{- define "pagedserve.serverEnvNames" -}}
@@ -198,6 +199,10 @@ shutdownGracePeriodSeconds: PAGEDSERVE_SHUTDOWN_GRACE_PERIOD
 {{- $pdb := $v.podDisruptionBudget }}
 {{- if and $pdb.enabled (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) }}
 {{- fail "podDisruptionBudget.enabled needs podDisruptionBudget.maxUnavailable or podDisruptionBudget.minAvailable" }}
+{{- end }}
+{{- $tp := int $v.engine.tensorParallelSize }}
+{{- if and $v.multiNode.enabled (or (lt $tp (int $v.multiNode.groupSize)) (ne 0 (mod $tp (int $v.multiNode.groupSize)))) }}
+{{- fail (printf "multiNode.groupSize (%d) must divide engine.tensorParallelSize (%d): each pod holds the same number of ranks" (int $v.multiNode.groupSize) $tp) }}
 {{- end }}
 {{- if or (hasPrefix "cuda" $v.engine.device) (eq $v.engine.device "gpu") }}
 {{- $gpus := 0 }}
