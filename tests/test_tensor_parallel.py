@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
-from pagedserve.distributed import GroupJoinError, placement_from_env
+from pagedserve.distributed import GroupJoinError, Placement, WorkerFailedError, placement_from_env
+from pagedserve.distributed.driver import WorkerSet
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.model_runner import ModelRunner
 
@@ -140,6 +142,31 @@ def test_placement_from_the_environment():
         placement_from_env(2, {"MASTER_ADDR": "x", "RANK": "0", "WORLD_SIZE": "4"})
 
 
+def test_the_setting_is_a_flag_and_a_variable(monkeypatch):
+    from pagedserve import cli
+
+    args = cli.build_parser().parse_args(["serve", "--tensor-parallel-size", "4"])
+    assert cli.engine_config_from_args(args).tensor_parallel_size == 4
+    monkeypatch.setenv("PAGEDSERVE_TENSOR_PARALLEL_SIZE", "8")
+    args = cli.build_parser().parse_args(["bench"])
+    assert cli.engine_config_from_args(args).tensor_parallel_size == 8
+
+
+def test_a_worker_that_raises_is_reported_and_the_others_are_stopped():
+    import tp_faults
+
+    workers = WorkerSet(Placement("127.0.0.1", 0, 3, 0, 3, "local"), EngineConfig(device="cpu"),
+                        None, target=tp_faults.rank_one_raises)
+    failure = workers.wait_failure(120)
+    workers.join(60)
+    assert isinstance(failure, WorkerFailedError)
+    assert "tensor-parallel worker rank 1 failed" in str(failure)
+    assert "RuntimeError: injected fault on rank 1" in str(failure)  # its traceback
+    assert workers.procs[1].exitcode == 1
+    assert workers.procs[2].exitcode == -9  # healthy, but killed: nobody would step it
+    assert not any(p.is_alive() for p in workers.procs.values())
+
+
 # ---- over the shared TP=2 runner ----
 
 def test_greedy_ids_equal_single_process_and_transformers(model, runners):
@@ -200,3 +227,20 @@ def test_rank_zero_holds_its_slice_of_every_tensor(runners):
     assert torch.equal(mine.lm_head.weight, one.lm_head.weight[:161])
     assert tp.runner.num_kv_heads == 1 and tp.runner.gpu_cache[0][0].numel() * 2 == \
         single.gpu_cache[0][0].numel()
+
+
+def test_a_worker_dying_while_idle_fails_the_next_step(runners):
+    """Last: it breaks the shared runner (whose teardown must still leave no process)."""
+    from pagedserve.engine.batch import ScheduledBatch, SeqWork
+
+    _, tp = runners
+    told, heard = [], threading.Event()
+    tp.on_failure(lambda exc: (told.append(exc), heard.set()))
+    (pid,) = tp.worker_pids.values()
+    os.kill(pid, 9)
+    assert heard.wait(60)  # while nothing runs: the server turns NOT_SERVING from this
+    assert told == [tp.workers.failure]
+    assert f"rank 1 (pid {pid}) exited with status -9" in str(told[0])
+    work = [SeqWork(0, [5, 6, 7], 0, [0], True, GREEDY, [5, 6, 7], [], 0, frozenset())]
+    with pytest.raises(WorkerFailedError, match="rank 1"):
+        tp.execute(ScheduledBatch(work))

@@ -60,10 +60,15 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_workload(args)
     from pagedserve.cli import engine_config_from_args
     from pagedserve.llm import LLM
-    from pagedserve.sampling_params import SamplingParams
 
     config = engine_config_from_args(args)
-    llm = LLM(**dataclasses.asdict(config))
+    with LLM(**dataclasses.asdict(config)) as llm:  # exit stops tensor-parallel workers
+        return _measure(args, config, llm)
+
+
+def _measure(args: argparse.Namespace, config, llm) -> int:
+    from pagedserve.sampling_params import SamplingParams
+
     engine = llm.engine
     prompts = make_prompts(args.num_prompts, args.input_len, engine.vocab_size, args.workload_seed)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -84,6 +89,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result = {
         "model": config.model or "embedded SmolLM2-135M-Instruct",
         "device": str(engine.runner.device),
+        "tensor_parallel_size": config.tensor_parallel_size,
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
         "seconds": round(seconds, 4),
         "requests_per_s": round(args.num_prompts / seconds, 3),

@@ -40,9 +40,11 @@ class WorkerFailedError(RuntimeError):
 
 
 class WorkerSet:
-    """The spawned worker processes of this node and a thread watching them."""
+    """The spawned worker processes of this node and a thread watching them. `target`
+    is what each runs (worker_main; tests put faults there)."""
 
-    def __init__(self, placement: Placement, config: EngineConfig, source: ModelSource):
+    def __init__(self, placement: Placement, config: EngineConfig, source: ModelSource,
+                 target: Callable = worker_main):
         ctx = torch.multiprocessing.get_context("spawn")
         threads = max(1, torch.get_num_threads() // placement.local_ranks)
         self.procs: dict[int, object] = {}
@@ -55,7 +57,7 @@ class WorkerSet:
         self._changed = threading.Condition()
         for rank in placement.spawned_ranks:
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=worker_main, name=f"pagedserve-tp{rank}", daemon=True,
+            proc = ctx.Process(target=target, name=f"pagedserve-tp{rank}", daemon=True,
                                args=(rank, placement, config, source, threads, writer, os.getpid()))
             proc.start()
             writer.close()

@@ -414,11 +414,6 @@ class ModelRunner:
                           logit_rows=rows_t, sample_works=host.sample_works,
                           first_rows=host.first_rows)
 
-    def shutdown(self) -> None:
-        """Stops the tensor-parallel workers (nothing to do on a single device)."""
-        if self.peers is not None:
-            self.peers.shutdown()
-
     def _upload(self, arrays: list[np.ndarray], dtype) -> list[torch.Tensor]:
         """The arrays as tensors of `dtype` on the runner's device, shapes kept. On
         CUDA they go up packed in one pinned buffer by one non-blocking copy (the
