@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Mapping
 
 DEFAULT_PORT = 29500
+COLLECTIVE_TIMEOUT = timedelta(days=30)  # see join_group: collectives wait, peers' deaths end them
 
 
 class GroupJoinError(RuntimeError):
@@ -80,19 +81,25 @@ def free_port() -> int:
 
 def join_group(placement: Placement, rank: int, backend: str, timeout_s: float):
     """Joins the default process group as `rank`; returns the group the per-step
-    messages travel on (a CPU gloo group beside NCCL, so they never touch the GPU)."""
+    messages travel on (a CPU gloo group beside NCCL, so they never touch the GPU).
+
+    `timeout_s` bounds the meeting only (the rendezvous store waits that long for every
+    rank). Collectives get no such bound: a worker waits for the driver's next step
+    as long as the server idles, and a peer that dies is noticed by its closed sockets
+    (and, on the driver, by the worker watcher), not by a timer."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process: "
                            "one tensor-parallel engine per process")
     try:
-        dist.init_process_group(backend, init_method=placement.url, rank=rank,
-                                world_size=placement.world_size,
-                                timeout=timedelta(seconds=timeout_s))
-        # A first collective: every rank is really connected, within the same timeout.
+        store = dist.TCPStore(placement.address, placement.port, placement.world_size,
+                              is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=True)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=placement.world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
         control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-        dist.barrier(group=control)
+        dist.barrier(group=control)  # every rank is really connected
     except Exception as exc:  # noqa: BLE001 - every failure to meet is the same story
         if dist.is_initialized():
             dist.destroy_process_group()
