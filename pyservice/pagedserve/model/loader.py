@@ -21,8 +21,11 @@ from typing import Iterator
 
 import torch
 
+from torch import nn
+
 from pagedserve.model.config import ModelConfig
-from pagedserve.model.llama import LlamaForCausalLM
+from pagedserve.model.layers import RotaryEmbedding
+from pagedserve.model.registry import model_class
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +106,17 @@ def resolve_max_model_len(requested: int | None, cfg: ModelConfig) -> int:
 
 
 def load_model(source: ModelSource, cfg: ModelConfig, *, device: str, dtype: torch.dtype,
-               max_model_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill its weights."""
+               max_model_len: int, load_format: str = "auto", seed: int = 0) -> nn.Module:
+    """Build the model of the config's architecture (model/registry.py) on `device`
+    in `dtype` and fill its weights."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=max_model_len)
+        model = model_class(cfg.architecture)(cfg, max_positions=max_model_len)
     model.to(dtype)
     model.to_empty(device=device)  # no wasted random init of weights about to be replaced
     model.tie_weights()
-    model.model.rotary_emb.reset()
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset()
     if load_format == "dummy":
         _init_dummy(model, seed)
     elif source.gguf_file:
@@ -121,7 +127,7 @@ def load_model(source: ModelSource, cfg: ModelConfig, *, device: str, dtype: tor
 
 
 @torch.no_grad()
-def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+def _init_dummy(model: nn.Module, seed: int) -> None:
     # Small normal weights (the usual 0.02 initialiser), unit norms, zero biases: outputs
     # stay finite and non-degenerate at any depth, which benchmarks and tests rely on.
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -134,8 +140,22 @@ def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
             p.normal_(0.0, 0.02, generator=gen)
 
 
+def safetensors_files(directory: str) -> list[str]:
+    """The checkpoint's safetensors files: those a sharded checkpoint's index lists
+    (model.safetensors.index.json), else every *.safetensors of the directory."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise ValueError(f"{index} lists {len(missing)} missing shard files, e.g. {missing[0]}")
+        return [os.path.join(directory, n) for n in names]
+    return sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+
+
 def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
+    files = safetensors_files(source.directory)
     if not files:  # e.g. pytorch_model.bin only: let transformers read it
         from transformers import AutoModelForCausalLM
 
@@ -150,7 +170,7 @@ def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, st.get_tensor(name)
 
 
-def _load_gguf(model: LlamaForCausalLM, source: ModelSource) -> None:
+def _load_gguf(model: nn.Module, source: ModelSource) -> None:
     from transformers import AutoModelForCausalLM
 
     log.info("converting %s (GGUF) through transformers", source.origin)
