@@ -6,7 +6,6 @@ import signal
 import subprocess
 
 import pytest
-import torch
 
 from pagedserve.client import Client
 

@@ -158,7 +158,6 @@ class PagedAttention(nn.Module):
                                  self.scale, out=out[p:])
         return out
 
-
     def _windowed(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         kc, vc, p, w = self.key_cache, self.value_cache, md.num_prefill_tokens, self.sliding_window
         out = torch.empty_like(q)
