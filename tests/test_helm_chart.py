@@ -671,3 +671,34 @@ def test_every_pagedserve_variable_is_a_serve_flag(chart):
     missing = sorted(n for n in names - ENV_ONLY
                      if "--" + n.removeprefix("PAGEDSERVE_").lower().replace("_", "-") not in flags)
     assert missing == [], f"the chart sets variables `pagedserve serve` has no flag for: {missing}"
+
+
+def test_failure_and_restart_agree(chart):
+    """An engine failure ends the process (exit 1) and restartPolicy Always restarts the
+    container; a stuck step turns health NOT_SERVING, which the liveness probe (gRPC
+    health) turns into a restart. The server's own settings pass through as flags."""
+    for values in ({}, VALUE_SETS["tls"]):
+        objs = render(chart, values)
+        assert server_pod(objs)["spec"]["restartPolicy"] == "Always"
+        c = container(objs)
+        probe = c["livenessProbe"]
+        if "grpc" in probe:
+            assert probe["grpc"] == {"port": 50051}
+        else:  # TLS: the chart's grpc.health.v1 check script over localhost
+            assert "health_check.py" in " ".join(probe["exec"]["command"])
+        assert probe["failureThreshold"] * probe["periodSeconds"] == 60
+    c = container(render(chart, {"server": {"stepTimeoutSeconds": 300,
+                                            "engineFailureExitDelaySeconds": 2.5,
+                                            "metricsTenantLabel": True}}))
+    assert {k: v for k, v in env(c).items() if k in (
+        "PAGEDSERVE_STEP_TIMEOUT", "PAGEDSERVE_ENGINE_FAILURE_EXIT_DELAY",
+        "PAGEDSERVE_METRICS_TENANT_LABEL")} == {
+        "PAGEDSERVE_STEP_TIMEOUT": "300", "PAGEDSERVE_ENGINE_FAILURE_EXIT_DELAY": "2.5",
+        "PAGEDSERVE_METRICS_TENANT_LABEL": "true"}
+    from pagedserve import cli
+
+    parser = cli.build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    assert {"--step-timeout", "--engine-failure-exit-delay", "--metrics-tenant-label",
+            "--metrics-host"} <= flags

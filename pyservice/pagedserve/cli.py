@@ -215,8 +215,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 # ---- entry point ----------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line, `pagedserve serve: error: ...`, exit status 2:
+    the form every configuration error takes, easy to find in a container's log."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedserve",
+    parser = _Parser(prog="pagedserve",
                                      description="LLM serving on PagedAttention.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parser(subparsers)

@@ -157,6 +157,9 @@ maxQueueSize: PAGEDSERVE_MAX_QUEUE_SIZE
 maxN: PAGEDSERVE_MAX_N
 maxStopStrings: PAGEDSERVE_MAX_STOP_STRINGS
 shutdownGracePeriodSeconds: PAGEDSERVE_SHUTDOWN_GRACE_PERIOD
+stepTimeoutSeconds: PAGEDSERVE_STEP_TIMEOUT
+engineFailureExitDelaySeconds: PAGEDSERVE_ENGINE_FAILURE_EXIT_DELAY
+metricsTenantLabel: PAGEDSERVE_METRICS_TENANT_LABEL
 {{- end }}
 
 {{/* PAGEDSERVE_MODEL from model.*; unset means the embedded default model. */}}
