@@ -88,8 +88,11 @@ def _check_size(request: pb.GenerateRequest, limits: Limits) -> None:
 
 def _constraint_bytes(sampling: pb.SamplingParams) -> int:
     kind = sampling.WhichOneof("constraint")
-    return getattr(sampling, kind).ByteSize() if kind == "choice" else \
-        len(str(getattr(sampling, kind)).encode()) if kind else 0
+    if kind is None or kind == "json_object":
+        return 0
+    if kind == "choice":
+        return sampling.choice.ByteSize()
+    return len(getattr(sampling, kind).encode())
 
 
 def _check_token_ids(ids: list[int], limits: Limits) -> None:

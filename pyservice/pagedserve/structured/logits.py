@@ -51,8 +51,10 @@ class RequestConstraint:
 
 def constrain_logits(logits: Any, raw: Any, works: list) -> Any:
     """`logits` with each constrained row masked to what its grammar allows next; the
-    rows without a constraint are left as they are. `raw` (the model's logits, kept for
-    logprobs) is never written: it is copied first when `logits` is it."""
+    rows without a constraint are left as they are. When `logits` is `raw` (the model's
+    logits) it is masked in place unless a constrained row asks for top logprobs,
+    which are read from `raw` after sampling: the sampled token's own logprob is
+    unchanged by the mask (it is allowed), and a copy of [rows, vocab] is not free."""
     rows = [i for i, w in enumerate(works) if w.constraint is not None]
     if not rows:
         return logits
@@ -61,7 +63,7 @@ def constrain_logits(logits: Any, raw: Any, works: list) -> Any:
     for i in rows:
         w = works[i]
         w.constraint.fill(w.seq_id, w.output_token_ids, bitmask, i)
-    if logits is raw:
+    if logits is raw and any(works[i].params.logprobs for i in rows):
         logits = logits.clone()
     backend.apply_bitmask(logits, bitmask, rows)
     return logits
