@@ -50,8 +50,8 @@ def generate_all(client, requests) -> list:
 def test_json_schemas_regex_and_choice_over_grpc(client, serving):
     requests = [(p, dict(SAMPLING, json_schema=json.dumps(schema), seed=i))
                 for schema in SCHEMAS.values() for i, p in enumerate(PROMPTS)]
-    requests += [(p, dict(SAMPLING, regex=rx, seed=i))
-                 for rx in REGEXES for i, p in enumerate(PROMPTS)]
+    requests += [(p, dict(SAMPLING, regex=REGEXES[i % len(REGEXES)], seed=i))
+                 for i, p in enumerate(PROMPTS)]
     requests += [(p, dict(SAMPLING, choice=CHOICES, seed=i)) for i, p in enumerate(PROMPTS)]
     replies = generate_all(client, requests)
     from pagedserve.v1 import generate_pb2 as pb
