@@ -105,16 +105,18 @@ def engine(llm, **overrides) -> LLMEngine:
 
 
 def run(eng: LLMEngine, requests) -> tuple[dict, dict]:
-    """requests: (request_id, prompt, params) -> (finished outputs, rejections) by id."""
+    """requests: (request_id, prompt, params) -> (finished outputs, errors of the requests
+    turned down after add_request accepted them) by id."""
     for rid, prompt, params in requests:
         eng.add_request(rid, prompt, params)
     done, rejected = {}, {}
     while eng.has_unfinished_requests():
         for out in eng.step():
-            if out.finished:
+            if out.error is not None:
+                assert out.finished and out.outputs == []
+                rejected[out.request_id] = out.error
+            elif out.finished:
                 done[out.request_id] = out
-        rejected.update(eng.take_rejected())
-    rejected.update(eng.take_rejected())
     return done, rejected
 
 
@@ -354,7 +356,7 @@ def test_abort_while_compiling(llm):
     eng.add_request("c", "Pick one:", params(choice=CHOICES))
     eng.abort_request("c")
     release.set()
-    assert not eng.has_unfinished_requests() and eng.step() == [] and not eng.take_rejected()
+    assert not eng.has_unfinished_requests() and eng.step() == []
 
 
 def test_offline_generate_raises_for_a_bad_constraint(llm):
