@@ -363,3 +363,32 @@ def test_offline_generate_raises_for_a_bad_constraint(llm):
     with pytest.raises(ValueError, match="regex does not compile"):
         LLM.from_engine(engine(llm)).generate(["a", "b"], [params(), params(regex="[a-")],
                                               use_tqdm=False)
+
+
+# ---- command line and client ----------------------------------------------------------
+
+def test_cli_reads_schema_and_grammar_files_and_repeats_choice(tmp_path):
+    from pagedserve.cli import build_parser, sampling_params_from_args
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS["array_enum"]))
+    args = build_parser().parse_args(["generate", "hi", "--json-schema", str(schema)])
+    assert json.loads(sampling_params_from_args(args).json_schema) == SCHEMAS["array_enum"]
+    args = build_parser().parse_args(["generate", "hi", "--choice", "A", "--choice", "B"])
+    assert sampling_params_from_args(args).choice == ["A", "B"]
+    args = build_parser().parse_args(["generate", "hi", "--regex", r"\d+"])
+    assert sampling_params_from_args(args).regex == r"\d+"
+    args = build_parser().parse_args(["generate", "hi", "--grammar", str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="--grammar: cannot read"):
+        sampling_params_from_args(args)
+
+
+def test_client_builds_every_constraint():
+    from pagedserve.client import build_request
+
+    sampling = build_request("hi", choice=["A", "B"]).sampling
+    assert sampling.WhichOneof("constraint") == "choice" and list(sampling.choice.choices) == ["A", "B"]
+    sampling = build_request("hi", json_schema={"type": "object"}).sampling
+    assert json.loads(sampling.json_schema) == {"type": "object"}
+    assert build_request("hi", regex="a+").sampling.WhichOneof("constraint") == "regex"
+    assert build_request("hi", json_object=True).sampling.json_object
