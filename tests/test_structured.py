@@ -21,8 +21,11 @@ from pagedserve import LLM, EngineConfig, SamplingParams
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.structured.spec import MAX_CONSTRAINT_CHARS
 
+# A compile time limit no real compile reaches on a loaded machine: the tests of the
+# limit inject a compile that never ends and set a short one.
 ENGINE = dict(device="cpu", dtype="float32", block_size=8, num_kv_blocks=512,
-              swap_space_gb=0.05, max_num_batched_tokens=1024, max_num_seqs=256)
+              swap_space_gb=0.05, max_num_batched_tokens=1024, max_num_seqs=256,
+              structured_compile_timeout_s=300.0)
 
 # 20+ prompts of all kinds: what a backend would send, and some it would not.
 PROMPTS = [

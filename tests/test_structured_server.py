@@ -23,7 +23,7 @@ from test_structured import CHOICES, PROMPTS, REGEXES, SCHEMAS
 
 ENGINE = dict(device="cpu", dtype="float32", num_kv_blocks=512, block_size=8,
               max_num_seqs=128, max_num_batched_tokens=1024, swap_space_gb=0.05, seed=0,
-              structured_compile_timeout_s=0.5)
+              structured_compile_timeout_s=300.0)
 SAMPLING = dict(temperature=0.8, max_tokens=96)
 
 
@@ -104,6 +104,7 @@ def test_a_compile_past_the_limit_is_invalid_argument_while_a_stream_runs(client
     release = threading.Event()
     real = engine.structured.compiler.compile_fn
     engine.structured.compiler.compile_fn = lambda spec: (release.wait(60), real(spec))[1]
+    engine.structured.timeout_s = 0.5  # the injected compile never ends before it
     greedy = dict(temperature=0.0, max_tokens=24)
     try:
         alone = client.generate("Water boils at", **greedy).completions[0]
@@ -115,6 +116,7 @@ def test_a_compile_past_the_limit_is_invalid_argument_while_a_stream_runs(client
     finally:
         release.set()
         engine.structured.compiler.compile_fn = real
+        engine.structured.timeout_s = ENGINE["structured_compile_timeout_s"]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "grammar: compiling the constraint took longer than the server's limit of 0.5 s" \
         in err.value.details()
