@@ -218,8 +218,8 @@ def reference(llm):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(num_kv_blocks=40, preemption_mode="recompute"),
-    dict(num_kv_blocks=40, preemption_mode="swap"),
+    dict(num_kv_blocks=16, preemption_mode="recompute"),
+    dict(num_kv_blocks=16, preemption_mode="swap"),
     dict(max_num_batched_tokens=8),             # chunked prefill
     dict(async_scheduling=True),
 ], ids=["recompute", "swap", "chunked-prefill", "async-scheduling"])
