@@ -43,6 +43,9 @@ class EngineConfig:
     # Schedule step N+1 while step N runs on the device (None = on with CUDA, where it
     # hides the host's work behind the GPU's; a CPU forward leaves nothing to hide).
     async_scheduling: bool | None = None
+    structured_compile_threads: int = 2  # threads compiling structured-output constraints
+    # A request whose constraint takes longer to compile is turned down (INVALID_ARGUMENT).
+    structured_compile_timeout_s: float = 10.0  # compile time limit of a constraint (s)
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -79,6 +82,11 @@ class EngineConfig:
             self.async_scheduling = self.on_gpu
         elif not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        self._check_int("structured_compile_threads", 1)
+        self._check_float("structured_compile_timeout_s")
+        if self.structured_compile_timeout_s <= 0:
+            raise ValueError(f"structured_compile_timeout_s must be > 0, "
+                             f"got {self.structured_compile_timeout_s}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
                              f"got {self.load_format!r}")

@@ -138,6 +138,16 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(gen, "--seed", dest="sampling_seed", type=int, default=None,
              help="sampling seed")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE",
+                            help="the output is JSON conforming to the JSON Schema in FILE")
+    constraint.add_argument("--json-object", action="store_true", default=None,
+                            help="the output is a JSON object")
+    constraint.add_argument("--regex", help="the output matches this regular expression")
+    constraint.add_argument("--grammar", metavar="FILE",
+                            help="the output is a sentence of the EBNF (GBNF) grammar in FILE")
+    constraint.add_argument("--choice", action="append",
+                            help="the output is one of the --choice strings (repeatable)")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as one user message through the chat template")
     _flag(gen, "--timeout", None, float, help="deadline in seconds")
@@ -146,6 +156,22 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(gen, "--tls-ca-file", None, help="CA certificate (PEM) that signed the server's")
     _flag(gen, "--client-cert-file", None, help="client certificate (PEM) for mutual TLS")
     _flag(gen, "--client-key-file", None, help="client private key (PEM) for mutual TLS")
+
+
+def _constraint(args: argparse.Namespace) -> dict:
+    from pagedserve.cli import read_constraint_file
+
+    if args.json_schema is not None:
+        return {"json_schema": read_constraint_file("--json-schema", args.json_schema)}
+    if args.grammar is not None:
+        return {"grammar": read_constraint_file("--grammar", args.grammar)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    return {}
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -163,6 +189,11 @@ def run_client(args: argparse.Namespace) -> int:
             sampling[name] = getattr(args, name)
     if args.sampling_seed is not None:
         sampling["seed"] = args.sampling_seed
+    try:
+        sampling.update(_constraint(args))
+    except ValueError as exc:
+        print(f"pagedserve client: {exc}", file=sys.stderr)
+        return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     client = Client(args.target, token=token, tls=args.tls, root_certificates=args.tls_ca_file,
                     client_cert=args.client_cert_file, client_key=args.client_key_file,
