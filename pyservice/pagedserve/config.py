@@ -40,6 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds dummy weights and unseeded sampling
     load_format: str = "auto"  # auto | dummy (random weights of the config's shape)
+    cpu_threads: int | None = None  # torch CPU threads (auto: from the cgroup quota and affinity)
     # Schedule step N+1 while step N runs on the device (None = on with CUDA, where it
     # hides the host's work behind the GPU's; a CPU forward leaves nothing to hide).
     async_scheduling: bool | None = None
@@ -78,6 +79,8 @@ class EngineConfig:
             raise ValueError(
                 f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         self._check_int("seed", None)
+        if self.cpu_threads is not None:
+            self._check_int("cpu_threads", 1)
         if self.async_scheduling is None:
             self.async_scheduling = self.on_gpu
         elif not isinstance(self.async_scheduling, bool):

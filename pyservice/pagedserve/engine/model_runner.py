@@ -19,6 +19,7 @@ import torch
 
 from pagedserve import ops
 from pagedserve.config import EngineConfig
+from pagedserve.cpu_env import configure_torch_threads
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
 from pagedserve.engine.cuda_graphs import DecodeGraphs
 from pagedserve.engine.sampler import PendingSamples, Sampler
@@ -88,6 +89,8 @@ class ModelRunner:
                  num_gpu_blocks: int | None = None, num_cpu_blocks: int | None = None,
                  source: ModelSource | None = None, cuda_graphs: bool = True):
         self.config = config
+        # Before anything computes: torch's pool sized to the CPUs this process may use.
+        self.cpu_plan = configure_torch_threads(config.cpu_threads)
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
