@@ -326,8 +326,19 @@ def test_cpu_only(chart):
     assert e["PAGEDSERVE_KV_CACHE_GB"] == "1.5"
     assert e["PAGEDSERVE_SWAP_SPACE_GB"] == "0"
     assert e["PAGEDSERVE_ENABLE_PREFIX_CACHING"] == "false"
+    assert "PAGEDSERVE_CPU_THREADS" not in e  # no CPU limit: the engine sizes its pool itself
     assert c["readinessProbe"]["grpc"] == {"port": 50051}
     assert "nvidia.com/gpu" not in yaml.safe_dump(objs)
+
+
+@pytest.mark.parametrize("limit, cpu_threads, expected", [
+    ("4", None, "4"), (4, None, "4"), ("2500m", None, "2"), (1.5, None, "1"), ("1.5", None, "1"),
+    ("500m", None, "1"), ("250m", None, "1"), ("16", 6, "6"), (None, 3, "3"), (None, None, None)])
+def test_cpu_threads_from_the_cpu_limit(chart, limit, cpu_threads, expected):
+    values = {"engine": {"device": "cpu", "cpuThreads": cpu_threads},
+              "resources": {"requests": {"nvidia.com/gpu": None},
+                            "limits": {"nvidia.com/gpu": None, "cpu": limit}}}
+    assert env(container(render(chart, values))).get("PAGEDSERVE_CPU_THREADS") == expected
 
 
 def test_production_values(chart):
@@ -423,6 +434,7 @@ def test_helm_test_pod_checks_health_with_the_server_image(chart):
     ({"autoscaling": {"metric": {"name": "cpu"}}}, "at '/autoscaling/metric/name'"),
     ({"replicaCont": 2}, "additional properties 'replicaCont' not allowed"),
     ({"engine": {"preemptMode": "swap"}}, "additional properties 'preemptMode' not allowed"),
+    ({"engine": {"cpuThreads": 0}}, "at '/engine/cpuThreads': minimum: got 0, want 1"),
 ])
 def test_schema_refuses_bad_values(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -658,7 +670,8 @@ ENV_ONLY = {"PAGEDSERVE_CACHE_DIR"}  # read directly, not a flag
 def test_every_pagedserve_variable_is_a_serve_flag(chart):
     names = set()
     for values in (VALUE_SETS["production"], VALUE_SETS["tls"], VALUE_SETS["hostpath"],
-                   {"engine": {"numKvBlocks": 64, "kvCacheGb": 1, "maxNumSeqs": 8},
+                   {"engine": {"numKvBlocks": 64, "kvCacheGb": 1, "maxNumSeqs": 8,
+                               "cpuThreads": 2},
                     "server": {"maxN": 4, "maxStopStrings": 8}}):
         names |= {n for n in env(container(render(chart, values)))
                   if n.startswith("PAGEDSERVE_")}

@@ -150,6 +150,29 @@ seed: PAGEDSERVE_SEED
 loadFormat: PAGEDSERVE_LOAD_FORMAT
 {{- end }}
 
+{{/*
+PAGEDSERVE_CPU_THREADS: engine.cpuThreads, else the container's CPU limit rounded down
+(at least 1: a thread team runs at the pace of its slowest thread, so a fraction of a
+CPU cannot carry one more), else empty and the engine sizes its pool itself.
+Kubernetes CPU quantities: 2, "2", "1.5", "500m".
+*/}}
+{{- define "pagedserve.cpuThreads" -}}
+{{- $explicit := .Values.engine.cpuThreads }}
+{{- $limit := dig "limits" "cpu" nil (.Values.resources | default dict) }}
+{{- if not (kindIs "invalid" $explicit) }}
+{{- $explicit | int64 }}
+{{- else if not (kindIs "invalid" $limit) }}
+{{- $q := toString $limit }}
+{{- $n := 0 }}
+{{- if hasSuffix "m" $q }}
+{{- $n = div (trimSuffix "m" $q | atoi) 1000 }}
+{{- else }}
+{{- $n = $q | float64 | floor | int64 }}
+{{- end }}
+{{- max $n 1 }}
+{{- end }}
+{{- end }}
+
 {{- define "pagedserve.serverEnvNames" -}}
 port: PAGEDSERVE_PORT
 metricsPort: PAGEDSERVE_METRICS_PORT
