@@ -124,3 +124,19 @@ def test_cli_flag_and_env(monkeypatch):
     p = argparse.ArgumentParser()
     add_engine_flags(p)
     assert p.parse_args([]).cpu_threads == 5
+
+
+@pytest.mark.parametrize("preset, torch_first, expected", [
+    (None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"), (None, True, "unset")])
+def test_openmp_wait_policy_set_before_torch_loads(preset, torch_first, expected):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import torch; " if torch_first else "") + (
+        "import os, pagedserve; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == expected

@@ -173,6 +173,18 @@ def plan_cpu_threads(setting: int | None, *, affinity: int | None = None,
 _APPLIED: dict[str, CpuPlan] = {}
 
 
+def omp_wait_policy() -> str:
+    """How torch's OpenMP threads wait, as far as this process can tell: the variable is
+    read once, when torch loads libgomp (pagedserve/__init__ sets PASSIVE if it runs
+    first)."""
+    import pagedserve
+
+    value = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    if not pagedserve.WAIT_POLICY_SET_BEFORE_TORCH and value == "passive":
+        return "unknown (torch loaded before pagedserve)"
+    return value or "default (spin, then sleep)"
+
+
 def configure_torch_threads(setting: int | None) -> CpuPlan:
     """Sizes torch's intra-op pool and logs one line saying what the engine uses. The
     pool is process-wide: the last engine built in a process sets it."""
@@ -183,6 +195,11 @@ def configure_torch_threads(setting: int | None) -> CpuPlan:
         torch.set_num_threads(plan.threads)
     capability = torch.backends.cpu.get_cpu_capability()
     if _APPLIED.get("last") != plan:
-        log.info("%s; torch kernels: %s", plan.describe(), capability)
+        wait = omp_wait_policy()
+        log.info("%s; torch kernels: %s; OpenMP wait policy: %s", plan.describe(), capability, wait)
+        if plan.threads > 1 and wait != "passive":
+            log.warning("OpenMP threads spin while they wait: on a host whose cores are busy "
+                        "with other work this can cost 5-10x; set OMP_WAIT_POLICY=PASSIVE "
+                        "before torch is imported (or import pagedserve first)")
     _APPLIED["last"] = plan
     return plan
