@@ -50,9 +50,9 @@ VLLM_KV_SPACE_GIB = "2"
 # ---------------------------------------------------------------- children
 
 def _child_pagedserve(args, workload) -> dict:
-    import torch
+    from pagedserve import LLM, SamplingParams  # before torch, as a user's script would
 
-    from pagedserve import LLM, SamplingParams
+    import torch
 
     start = time.perf_counter()
     llm = LLM(args.model_dir, device="cpu", dtype=args.dtype)
@@ -246,7 +246,14 @@ def run_parent(args) -> None:
                            else "ERROR " + r["error"][-400:])
                     print(f"[{rep}] {dtype:<9}{condition:<6}{engine:<11}{msg}  "
                           f"load {r['loadavg_before']}", flush=True)
+                    _report(args, workload, runs)
     os.unlink(workload_file)
+    report = _report(args, workload, runs)
+    print(json.dumps({"summary": report["summary"], "greedy_ids_agree": report["greedy_ids_agree"]},
+                     indent=1))
+
+
+def _report(args, workload, runs) -> dict:
     report = {
         "workload": {"num_requests": args.num_requests, "seed": args.seed,
                      "prompt_tokens": sum(len(p) for p, _ in workload),
@@ -256,12 +263,11 @@ def run_parent(args) -> None:
         "cpu": cpu_description(), "python": platform.python_version(),
         "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs],
     }
-    print(json.dumps({"summary": report["summary"], "greedy_ids_agree": report["greedy_ids_agree"]},
-                     indent=1))
-    if args.out:
+    if args.out:  # rewritten after every run: a long session keeps what it measured
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+    return report
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

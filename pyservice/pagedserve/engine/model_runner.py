@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pagedserve import ops
+from pagedserve.ops import cpu_linear
 from pagedserve.config import EngineConfig
 from pagedserve.cpu_env import configure_torch_threads
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
@@ -100,6 +101,8 @@ class ModelRunner:
         self.model = load_model(self.source, self.model_config, device=str(self.device),
                                 dtype=self.dtype, max_model_len=self.max_model_len,
                                 load_format=config.load_format, seed=config.seed)
+        if self.device.type == "cpu":  # bf16 projections through oneDNN, weights packed once
+            cpu_linear.pack_model(self.model)
         self.sampler = Sampler(self.device, seed=config.seed)
         self.gpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -13,6 +13,7 @@ from torch import nn
 from pagedserve import ops
 from pagedserve.model import rope
 from pagedserve.model.config import ModelConfig
+from pagedserve.ops import cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,14 @@ class AttentionMetadata:
 
 class Linear(nn.Linear):
     """nn.Linear through `ops.linear`: a small decode step's projections stream their
-    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse."""
+    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse. On CPU in
+    bfloat16, `ops.cpu_linear.pack_model` may set a oneDNN-packed copy of the weight."""
+
+    packed_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return cpu_linear.packed_linear(x, self.packed_weight, self.bias)
         return ops.linear(x, self.weight, self.bias)
 
 
