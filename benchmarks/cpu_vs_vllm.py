@@ -45,6 +45,7 @@ import tempfile
 import time
 
 VLLM_KV_SPACE_GIB = "2"
+OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
 
 # ---------------------------------------------------------------- children
@@ -140,7 +141,10 @@ def _one_run(args, engine: str, dtype: str, workload_file: str, condition: str) 
     # -P: benchmarks/ off sys.path (its kernels.py would shadow a package of that name)
     cmd = [python, "-P", os.path.abspath(__file__), "--child", engine, "--dtype", dtype,
            "--model-dir", args.model_dir, "--workload", workload_file, "--result", result_file]
-    env = dict(os.environ)
+    # Each engine at its own defaults: no OpenMP settings inherited from this shell (or
+    # set by a sitecustomize at the child's start-up, which the child undoes first).
+    env = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
+    env["CPU_VS_VLLM_UNSET"] = ",".join(OMP_VARIABLES)
     if engine == "vllm":
         env.pop("PYTHONPATH", None)  # nothing of this checkout in vLLM's process
     busy = None
@@ -294,6 +298,8 @@ def main(argv=None) -> None:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        for name in filter(None, os.environ.pop("CPU_VS_VLLM_UNSET", "").split(",")):
+            os.environ.pop(name, None)
         run_child(args)
     else:
         run_parent(args)

@@ -85,6 +85,13 @@ def test_plan_sources(tmp_path):
     assert (p.threads, p.source) == (2, "affinity")
     p = cpu_env.plan_cpu_threads(3, affinity=2, quota=1.0, cpuinfo=str(info))
     assert (p.threads, p.source) == (3, "setting")
+    p = cpu_env.plan_cpu_threads(None, affinity=8, quota=4.0, cpuinfo=str(info), current=64)
+    assert (p.threads, p.source) == (4, "quota")    # torch's default pool: the host's cores
+    p = cpu_env.plan_cpu_threads(None, affinity=8, quota=4.0, cpuinfo=str(info), current=1)
+    assert (p.threads, p.source) == (1, "torch's pool, already smaller")
+    p = cpu_env.plan_cpu_threads(6, affinity=8, quota=None, detect_quota=False, cpuinfo=str(info),
+                                 current=1)
+    assert (p.threads, p.source) == (6, "setting")
     p = cpu_env.plan_cpu_threads(None, affinity=2, detect_quota=False, cpuinfo=str(tmp_path / "x"))
     assert (p.model, p.features) == ("", [])
     assert "none of AVX2/AVX-512/AMX" in p.describe()

@@ -153,9 +153,11 @@ class CpuPlan:
 
 def plan_cpu_threads(setting: int | None, *, affinity: int | None = None,
                      quota: float | None = None, detect_quota: bool = True,
-                     cpuinfo: str = PROC_CPUINFO) -> CpuPlan:
+                     cpuinfo: str = PROC_CPUINFO, current: int | None = None) -> CpuPlan:
     """The thread count for `setting` (None = auto). Explicit settings are kept as given
-    (an operator may oversubscribe on purpose)."""
+    (an operator may oversubscribe on purpose). Auto only ever lowers `current` (torch's
+    pool as it is): a pool someone already made smaller (OMP_NUM_THREADS,
+    torch.set_num_threads) stays as it is."""
     if affinity is None:
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if quota is None and detect_quota:
@@ -164,6 +166,8 @@ def plan_cpu_threads(setting: int | None, *, affinity: int | None = None,
     auto = usable_cpus(affinity, quota)
     if setting is not None:
         threads, source = setting, "setting"
+    elif current is not None and current < auto:
+        threads, source = current, "torch's pool, already smaller"
     else:
         threads = auto
         source = "quota" if quota is not None and auto < affinity else "affinity"
@@ -190,7 +194,7 @@ def configure_torch_threads(setting: int | None) -> CpuPlan:
     pool is process-wide: the last engine built in a process sets it."""
     import torch
 
-    plan = plan_cpu_threads(setting)
+    plan = plan_cpu_threads(setting, current=torch.get_num_threads())
     if torch.get_num_threads() != plan.threads:
         torch.set_num_threads(plan.threads)
     capability = torch.backends.cpu.get_cpu_capability()
