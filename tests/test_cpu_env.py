@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -137,13 +138,15 @@ def test_cli_flag_and_env(monkeypatch):
     (None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"), (None, True, "unset")])
 def test_openmp_wait_policy_set_before_torch_loads(preset, torch_first, expected):
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    # -S: no site module, so no sitecustomize of this machine sets the variable for us;
+    # this process's import path stands in for it.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     if preset:
         env["OMP_WAIT_POLICY"] = preset
     code = ("import torch; " if torch_first else "") + (
         "import os, pagedserve; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == expected
