@@ -26,7 +26,6 @@ __version__ = "0.1.0"
 # which); an explicit OMP_WAIT_POLICY is kept.
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-WAIT_POLICY_SET_BEFORE_TORCH = "torch" not in sys.modules
 
 _EXPORTS = {
     "LLM": "pagedserve.llm",

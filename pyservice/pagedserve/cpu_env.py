@@ -178,15 +178,10 @@ _APPLIED: dict[str, CpuPlan] = {}
 
 
 def omp_wait_policy() -> str:
-    """How torch's OpenMP threads wait, as far as this process can tell: the variable is
-    read once, when torch loads libgomp (pagedserve/__init__ sets PASSIVE if it runs
-    first)."""
-    import pagedserve
-
-    value = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
-    if not pagedserve.WAIT_POLICY_SET_BEFORE_TORCH and value == "passive":
-        return "unknown (torch loaded before pagedserve)"
-    return value or "default (spin, then sleep)"
+    """How torch's OpenMP threads wait: OMP_WAIT_POLICY as libgomp read it when torch
+    loaded (pagedserve/__init__ sets PASSIVE when it runs first; when torch came first,
+    only a value already in the environment, e.g. from the shell, counts)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "default (spin, then sleep)"
 
 
 def configure_torch_threads(setting: int | None) -> CpuPlan:
