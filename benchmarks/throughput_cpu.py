@@ -14,6 +14,10 @@ U[8, 128] tokens with ignore_eos, the embedded SmolLM2-135M. In one process:
 
     python benchmarks/throughput_cpu.py --out docs/throughput_cpu_fp32.json
     python benchmarks/throughput_cpu.py --dtype bfloat16 --out docs/throughput_cpu_bf16.json
+
+With `--against vllm` it runs benchmarks/cpu_vs_vllm.py instead (issue 21's workload,
+pagedserve and vLLM's CPU backend in alternating processes, idle and with a core kept
+busy); its flags follow, e.g. `--against vllm --vllm-python VENV/bin/python`.
 """
 
 from __future__ import annotations
@@ -149,7 +153,21 @@ def time_ideal(llm: LLM, workload, decode_batch_sizes: dict[int, int],
 
 
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--against", choices=["vllm"])
+    known, rest = pre.parse_known_args()
+    if known.against == "vllm":
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from cpu_vs_vllm import main as against_vllm
+
+        against_vllm(rest)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--against", choices=["vllm"],
+                    help="compare with vLLM's CPU backend (benchmarks/cpu_vs_vllm.py)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=256)

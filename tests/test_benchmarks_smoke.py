@@ -213,3 +213,27 @@ def test_host_overhead_runs_every_request_to_its_length():
     assert run["generation_tokens"] == sum(n for _, n in workload)
     assert run["prompt_tokens"] >= sum(len(p) for p, _ in workload)  # recomputes count again
     assert run["steps"] > 0 and run["ms_per_step"] > 0
+
+
+def test_cpu_vs_vllm_summary_and_parity():
+    """The comparison's arithmetic on made-up runs (the runs themselves need vLLM's venv)."""
+    bench = _load("cpu_vs_vllm")
+    workload = bench.make_workload(48, 49152, 0)
+    assert len(workload) == 48 and workload == bench.make_workload(48, 49152, 0)
+    assert all(16 <= len(p) <= 256 and 8 <= n <= 128 and min(p) >= 1000 for p, n in workload)
+    runs = [
+        {"engine": "pagedserve", "dtype": "float32", "condition": "idle", "tokens_per_s": 200.0,
+         "token_ids": [[1, 2], [3]]},
+        {"engine": "vllm", "dtype": "float32", "condition": "idle", "tokens_per_s": 150.0,
+         "token_ids": [[1, 2], [4]]},
+        {"engine": "pagedserve", "dtype": "float32", "condition": "busy", "tokens_per_s": 100.0,
+         "token_ids": [[1, 2], [3]]},
+        {"engine": "vllm", "dtype": "float32", "condition": "busy", "error": "timeout"},
+        {"engine": "pagedserve", "dtype": "float32", "condition": "idle", "tokens_per_s": 220.0,
+         "token_ids": [[1, 2], [3]]},
+    ]
+    s = bench.summarise(runs)
+    assert s["float32/idle"] == {"pagedserve": [200.0, 220.0], "vllm": [150.0],
+                                 "ratio_min_max": [1.33, 1.47]}
+    assert s["float32/busy"] == {"pagedserve": [100.0], "pagedserve_busy_over_idle": 0.48}
+    assert bench.parity(runs) == {"float32": "1/2"}

@@ -101,3 +101,26 @@ def test_bench_runs_the_workload_through_the_engine(capsys):
 def test_bench_rejects_an_empty_workload(capsys, flag):
     assert cli.main(["bench", flag, "0", "--device", "cpu"]) == 2
     assert f"error: {flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_flags_build_the_server_config(monkeypatch, tmp_path):
+    pytest.importorskip("pagedserve.server.cli")
+    from pagedserve.server.cli import server_config_from_args
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:tok-a\nbare\n")
+    monkeypatch.setenv("PAGEDSERVE_AUTH_TOKEN", "from-env")
+    config = server_config_from_args(parse(["serve", "--host", "10.0.0.5"]))
+    # Metrics follow --host unless told otherwise; one bare token from the environment.
+    assert (config.metrics_bind_host, config.tenants_by_token) == \
+        ("10.0.0.5", {"from-env": "default"})
+    assert (config.step_timeout, config.engine_failure_exit_delay,
+            config.metrics_tenant_label) == (120.0, 5.0, False)
+    args = parse(["serve", "--auth-token-file", str(tokens), "--step-timeout", "30",
+                  "--engine-failure-exit-delay", "1.5", "--metrics-tenant-label"],
+                 monkeypatch, PAGEDSERVE_METRICS_HOST="127.0.0.1")
+    config = server_config_from_args(args)
+    assert config.metrics_bind_host == "127.0.0.1"
+    assert config.tenants_by_token == {"tok-a": "alice", "bare": "default"}  # the file wins
+    assert (config.step_timeout, config.engine_failure_exit_delay,
+            config.metrics_tenant_label) == (30.0, 1.5, True)

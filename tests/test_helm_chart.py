@@ -387,8 +387,19 @@ def test_cpu_only(chart):
     assert e["PAGEDSERVE_KV_CACHE_GB"] == "1.5"
     assert e["PAGEDSERVE_SWAP_SPACE_GB"] == "0"
     assert e["PAGEDSERVE_ENABLE_PREFIX_CACHING"] == "false"
+    assert "PAGEDSERVE_CPU_THREADS" not in e  # no CPU limit: the engine sizes its pool itself
     assert c["readinessProbe"]["grpc"] == {"port": 50051}
     assert "nvidia.com/gpu" not in yaml.safe_dump(objs)
+
+
+@pytest.mark.parametrize("limit, cpu_threads, expected", [
+    ("4", None, "4"), (4, None, "4"), ("2500m", None, "2"), (1.5, None, "1"), ("1.5", None, "1"),
+    ("500m", None, "1"), ("250m", None, "1"), ("16", 6, "6"), (None, 3, "3"), (None, None, None)])
+def test_cpu_threads_from_the_cpu_limit(chart, limit, cpu_threads, expected):
+    values = {"engine": {"device": "cpu", "cpuThreads": cpu_threads},
+              "resources": {"requests": {"nvidia.com/gpu": None},
+                            "limits": {"nvidia.com/gpu": None, "cpu": limit}}}
+    assert env(container(render(chart, values))).get("PAGEDSERVE_CPU_THREADS") == expected
 
 
 def test_production_values(chart):
@@ -484,6 +495,7 @@ def test_helm_test_pod_checks_health_with_the_server_image(chart):
     ({"autoscaling": {"metric": {"name": "cpu"}}}, "at '/autoscaling/metric/name'"),
     ({"replicaCont": 2}, "additional properties 'replicaCont' not allowed"),
     ({"engine": {"preemptMode": "swap"}}, "additional properties 'preemptMode' not allowed"),
+    ({"engine": {"cpuThreads": 0}}, "at '/engine/cpuThreads': minimum: got 0, want 1"),
 ])
 def test_schema_refuses_bad_values(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -774,7 +786,7 @@ def test_every_pagedserve_variable_is_a_serve_flag(chart):
     names = set()
     for values in (VALUE_SETS["production"], VALUE_SETS["tls"], VALUE_SETS["hostpath"],
                    {"engine": {"numKvBlocks": 64, "kvCacheGb": 1, "maxNumSeqs": 8,
-                               "tensorParallelSize": 2},
+                               "tensorParallelSize": 2, "cpuThreads": 2},
                     "server": {"maxN": 4, "maxStopStrings": 8}}):
         names |= {n for n in env(container(render(chart, values)))
                   if n.startswith("PAGEDSERVE_")}
@@ -787,3 +799,34 @@ def test_every_pagedserve_variable_is_a_serve_flag(chart):
     missing = sorted(n for n in names - ENV_ONLY
                      if "--" + n.removeprefix("PAGEDSERVE_").lower().replace("_", "-") not in flags)
     assert missing == [], f"the chart sets variables `pagedserve serve` has no flag for: {missing}"
+
+
+def test_failure_and_restart_agree(chart):
+    """An engine failure ends the process (exit 1) and restartPolicy Always restarts the
+    container; a stuck step turns health NOT_SERVING, which the liveness probe (gRPC
+    health) turns into a restart. The server's own settings pass through as flags."""
+    for values in ({}, VALUE_SETS["tls"]):
+        objs = render(chart, values)
+        assert server_pod(objs)["spec"]["restartPolicy"] == "Always"
+        c = container(objs)
+        probe = c["livenessProbe"]
+        if "grpc" in probe:
+            assert probe["grpc"] == {"port": 50051}
+        else:  # TLS: the chart's grpc.health.v1 check script over localhost
+            assert "health_check.py" in " ".join(probe["exec"]["command"])
+        assert probe["failureThreshold"] * probe["periodSeconds"] == 60
+    c = container(render(chart, {"server": {"stepTimeoutSeconds": 300,
+                                            "engineFailureExitDelaySeconds": 2.5,
+                                            "metricsTenantLabel": True}}))
+    assert {k: v for k, v in env(c).items() if k in (
+        "PAGEDSERVE_STEP_TIMEOUT", "PAGEDSERVE_ENGINE_FAILURE_EXIT_DELAY",
+        "PAGEDSERVE_METRICS_TENANT_LABEL")} == {
+        "PAGEDSERVE_STEP_TIMEOUT": "300", "PAGEDSERVE_ENGINE_FAILURE_EXIT_DELAY": "2.5",
+        "PAGEDSERVE_METRICS_TENANT_LABEL": "true"}
+    from pagedserve import cli
+
+    parser = cli.build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    assert {"--step-timeout", "--engine-failure-exit-delay", "--metrics-tenant-label",
+            "--metrics-host"} <= flags

@@ -108,6 +108,28 @@ def test_request_recorder_counts_tokens_as_they_appear_and_latencies_once():
     assert value(s, "pagedserve:time_per_output_token_seconds_sum") == 0.5 + 0.25
 
 
+def test_tenant_label_only_when_asked():
+    for tenant_label in (False, True):
+        metrics = Metrics(tenant_label=tenant_label)
+        for tenant, n in (("alice", 3), ("bob", 2), (None, 1)):
+            r = RequestRecorder(metrics, tenant)
+            r.on_output(_out(tenant or "anon", [n], finished=True, reasons=["length"]))
+        RequestRecorder(metrics, "bob").on_abandoned()
+        s = samples(generate_latest(metrics.registry).decode())
+        if not tenant_label:  # the tenant is ignored: no label, no per-tenant series
+            assert value(s, "pagedserve:generation_tokens_total") == 6
+            assert value(s, "pagedserve:requests_finished_total", finish_reason="abort") == 1
+            assert not any("tenant" in dict(labels) for _, labels in s)
+            continue
+        assert [value(s, "pagedserve:generation_tokens_total", tenant=t)
+                for t in ("alice", "bob", "anonymous")] == [3, 2, 1]
+        assert value(s, "pagedserve:requests_finished_total", finish_reason="abort",
+                     tenant="bob") == 1
+        assert value(s, "pagedserve:requests_finished_total", finish_reason="stop",
+                     tenant="alice") == 0  # present at 0 once the tenant is seen
+        assert value(s, "pagedserve:e2e_request_latency_seconds_count", tenant="alice") == 1
+
+
 def test_endpoint_serves_over_http_and_stops():
     metrics = Metrics()
     metrics.attach_engine(lambda: STATS)

@@ -276,3 +276,26 @@ def test_cache_salt_field_narrows_sharing(client, serving):
     assert cached("grpc-salt-2") == 0
     assert cached("grpc-salt-1") > 0
     serving.wait_idle()
+
+
+def test_stop_leaves_a_wedged_engine_thread_behind():
+    from server_fixtures import ScriptedEngine
+
+    scripted = ScriptedEngine()
+    scripted.gate.clear()  # the next step blocks until released
+
+    async def main():
+        engine = AsyncEngine(scripted)
+        engine.start()
+        stream = engine.add_request("r", [1, 2], SamplingParams(max_tokens=4))
+        assert await asyncio.to_thread(scripted.step_started.wait, 60)
+        await engine.stop(timeout=0.2)  # returns although the step never ends
+        with pytest.raises(Exception, match="server stopped"):
+            await asyncio.wait_for(stream.__anext__(), 5)
+        return engine
+
+    engine = asyncio.run(main())
+    assert engine._thread.is_alive()
+    scripted.gate.set()
+    engine._thread.join(60)
+    assert not engine._thread.is_alive()

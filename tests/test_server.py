@@ -359,6 +359,30 @@ def test_token_auth(serving):
             assert health_status(c.channel) == SERVING_STATUS
 
 
+def test_tenants_never_share_cached_prompt_blocks(serving):
+    """Each token's tenant hashes its prompts under its own salt: the same prompt from
+    another tenant finds nothing cached (no count, no timing to read), the same tenant
+    finds its own blocks."""
+    server = serving.add_server(auth_tokens={"tok-a": "tenant-a", "tok-b": "tenant-b"})
+    target = f"127.0.0.1:{server.port}"
+    prompt = ("Tenant isolation check: the quarterly numbers for the northern region are "
+              "confidential and must never leak to another caller of this server, ever. "
+              "Nor may anyone learn from the time to the first token or from the count of "
+              "cached prompt tokens how close a guess of this text came to the truth.")
+
+    def cached(token, client_target=target) -> int:
+        with Client(client_target, token=token, timeout=60) as c:
+            reply = c.generate(prompt, max_tokens=1, temperature=0.0)
+            assert reply.usage.prompt_tokens > 32  # spans several full 16-token blocks
+            return reply.usage.cached_prompt_tokens
+
+    assert cached("tok-a") == 0
+    assert cached("tok-b") == 0                             # another tenant: nothing
+    assert cached(None, f"127.0.0.1:{serving.plain.port}") == 0  # nor the open server
+    assert cached("tok-a") >= 32                            # its own blocks, reused
+    assert cached("tok-b") >= 32
+
+
 # ---- admission queue and engine failure (scripted engine: deterministic timing) ----
 def test_full_admission_queue_is_resource_exhausted():
     engine = ScriptedEngine()

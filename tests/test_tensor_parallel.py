@@ -52,7 +52,8 @@ def runners(model):
     at the end and must leave no worker behind."""
     path, _ = model
     single = ModelRunner(EngineConfig(model=path, num_kv_blocks=64, **BASE))
-    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, tensor_parallel_size=2, **BASE))
+    engine = LLMEngine(EngineConfig(model=path, num_kv_blocks=64, tensor_parallel_size=2,
+                                    cpu_threads=2, **BASE))  # one thread a rank
     tp = engine.runner
     yield single, tp
     pids = list(tp.worker_pids.values())
@@ -207,6 +208,11 @@ def test_each_rank_holds_half_the_weights(runners):
     expected = 4 * (2 * rows * HIDDEN + LAYERS * per_layer + HIDDEN)  # float32 bytes
     assert tp.rank_weight_bytes == [expected, expected]  # measured on each rank
     assert 0.5 <= expected / whole < 0.51  # half, plus replicated norms and one padding row
+
+
+def test_the_node_s_cpu_threads_are_shared_between_its_ranks(runners):
+    _, tp = runners
+    assert tp.runner.config.cpu_threads == 1 and tp.runner.cpu_plan.threads == 1
 
 
 def test_rank_zero_holds_its_slice_of_every_tensor(runners):

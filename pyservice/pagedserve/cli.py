@@ -151,11 +151,30 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
 _SAMPLING_RENAMES = {"seed": "sampling_seed"}
 
 
+# Constraints given as a file: a schema or a grammar is rarely one line.
+FILE_CONSTRAINTS = {
+    "json_schema": "the output is JSON conforming to the JSON Schema in FILE",
+    "grammar": "the output is a sentence of the EBNF (GBNF) grammar in FILE (start rule root)",
+}
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     from pagedserve.sampling_params import SamplingParams
 
     group = parser.add_argument_group("sampling")
     _add_dataclass_flags(group, SamplingParams, {}, _SAMPLING_RENAMES)
+    for action in group._group_actions:
+        if action.dest in FILE_CONSTRAINTS:
+            action.metavar = "FILE"
+            action.help = FILE_CONSTRAINTS[action.dest] + f" [env {env_var(action.dest)}]"
+
+
+def read_constraint_file(flag: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror}") from None
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> Any:
@@ -164,6 +183,8 @@ def sampling_params_from_args(args: argparse.Namespace) -> Any:
     values = {}
     for f in dataclasses.fields(SamplingParams):
         value = getattr(args, _SAMPLING_RENAMES.get(f.name, f.name), None)
+        if value is not None and f.name in FILE_CONSTRAINTS:
+            value = read_constraint_file("--" + f.name.replace("_", "-"), value)
         if value is not None:
             values[f.name] = value
     return SamplingParams(**values)
@@ -215,8 +236,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 # ---- entry point ----------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line, `pagedserve serve: error: ...`, exit status 2:
+    the form every configuration error takes, easy to find in a container's log."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedserve",
+    parser = _Parser(prog="pagedserve",
                                      description="LLM serving on PagedAttention.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parser(subparsers)

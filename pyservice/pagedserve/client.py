@@ -13,6 +13,7 @@ proto messages of pagedserve.v1 (GenerateResponse, GenerateStreamResponse, Model
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -28,6 +29,10 @@ Prompt = str | Sequence[int] | Sequence[dict]
 def build_request(prompt: Prompt, *, request_id: str = "", priority: int = 0,
                   cache_salt: str = "", **sampling: Any) -> pb.GenerateRequest:
     """A GenerateRequest from a text prompt, token ids or chat messages."""
+    if isinstance(sampling.get("choice"), (list, tuple)):
+        sampling["choice"] = pb.ChoiceList(choices=list(sampling["choice"]))
+    if isinstance(sampling.get("json_schema"), dict):
+        sampling["json_schema"] = json.dumps(sampling["json_schema"])
     request = pb.GenerateRequest(request_id=request_id, priority=priority,
                                  cache_salt=cache_salt, sampling=pb.SamplingParams(**sampling))
     if isinstance(prompt, str):

@@ -40,12 +40,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds dummy weights and unseeded sampling
     load_format: str = "auto"  # auto | dummy (random weights of the config's shape)
+    cpu_threads: int | None = None  # torch CPU threads (auto: from the cgroup quota and affinity)
     # Schedule step N+1 while step N runs on the device (None = on with CUDA, where it
     # hides the host's work behind the GPU's; a CPU forward leaves nothing to hide).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # GPUs (CPU: processes) each holding a slice of the model
     # Seconds every tensor-parallel rank gets to join the process group at start-up.
     distributed_timeout_s: float = 300.0
+    structured_compile_threads: int = 2  # threads compiling structured-output constraints
+    # A request whose constraint takes longer to compile is turned down (INVALID_ARGUMENT).
+    structured_compile_timeout_s: float = 10.0  # compile time limit of a constraint (s)
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -78,6 +82,8 @@ class EngineConfig:
             raise ValueError(
                 f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         self._check_int("seed", None)
+        if self.cpu_threads is not None:
+            self._check_int("cpu_threads", 1)
         if self.async_scheduling is None:
             self.async_scheduling = self.on_gpu
         elif not isinstance(self.async_scheduling, bool):
@@ -86,6 +92,11 @@ class EngineConfig:
         self._check_float("distributed_timeout_s")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+        self._check_int("structured_compile_threads", 1)
+        self._check_float("structured_compile_timeout_s")
+        if self.structured_compile_timeout_s <= 0:
+            raise ValueError(f"structured_compile_timeout_s must be > 0, "
+                             f"got {self.structured_compile_timeout_s}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
                              f"got {self.load_format!r}")

@@ -98,6 +98,8 @@ class LLM:
             while len(finished) < len(request_ids):
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
+                        if isinstance(out.error, ValueError):  # e.g. a bad constraint
+                            raise out.error
                         if out.error is not None:
                             raise RequestFailedError(
                                 f"request {out.request_id} failed: {out.error}") from out.error

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from pagedserve.structured.spec import ConstraintSpec, check_constraint, constraint_of
+
 # A hard cap keeps one request from asking the sampler for the whole vocabulary.
 MAX_LOGPROBS = 20
 # Beam scores divide by generated_len ** length_penalty: this bound keeps that power
@@ -52,6 +54,14 @@ class SamplingParams:
     min_tokens: int = 0  # tokens to generate before EOS or a stop may end it
     ignore_eos: bool = False  # keep generating past EOS
     logprobs: int | None = None  # top log-probabilities to return per token
+    # Structured output, at most one (pagedserve.structured): the output is kept a
+    # prefix of what the constraint accepts, and ends (EOS, finish reason "stop") only
+    # where it is complete.
+    json_schema: str | None = None  # a JSON Schema (JSON text or a dict) the output conforms to
+    json_object: bool = False  # the output is a JSON object
+    regex: str | None = None  # the output matches this regular expression
+    grammar: str | None = None  # the output is a sentence of this EBNF (GBNF) grammar, rule root
+    choice: list[str] | None = None  # the output is exactly one of these strings
 
     def __post_init__(self) -> None:
         self._check_int("n", minimum=1)
@@ -102,6 +112,7 @@ class SamplingParams:
         if self.beam_width > 1 and self.stop:
             raise ValueError("stop strings are not supported with beam search "
                              "(beam_width > 1); use stop_token_ids")
+        check_constraint(self)
 
     def _check_int(self, name: str, minimum: int | None = None) -> None:
         value = getattr(self, name)
@@ -139,6 +150,16 @@ class SamplingParams:
     @property
     def stop_token_set(self) -> frozenset[int]:
         return self._stop_token_set
+
+    @property
+    def constraint(self) -> ConstraintSpec | None:
+        """The structured-output constraint (kind and text), or None."""
+        return constraint_of(self)
+
+    @property
+    def constrained(self) -> bool:
+        return (self.json_schema is not None or self.json_object or self.regex is not None
+                or self.grammar is not None or self.choice is not None)
 
     @property
     def greedy(self) -> bool:

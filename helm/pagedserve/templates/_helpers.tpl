@@ -151,6 +151,29 @@ loadFormat: PAGEDSERVE_LOAD_FORMAT
 tensorParallelSize: PAGEDSERVE_TENSOR_PARALLEL_SIZE
 {{- end }}
 
+{{/*
+PAGEDSERVE_CPU_THREADS: engine.cpuThreads, else the container's CPU limit rounded down
+(at least 1: a thread team runs at the pace of its slowest thread, so a fraction of a
+CPU cannot carry one more), else empty and the engine sizes its pool itself.
+Kubernetes CPU quantities: 2, "2", "1.5", "500m".
+*/}}
+{{- define "pagedserve.cpuThreads" -}}
+{{- $explicit := .Values.engine.cpuThreads }}
+{{- $limit := dig "limits" "cpu" nil (.Values.resources | default dict) }}
+{{- if not (kindIs "invalid" $explicit) }}
+{{- $explicit | int64 }}
+{{- else if not (kindIs "invalid" $limit) }}
+{{- $q := toString $limit }}
+{{- $n := 0 }}
+{{- if hasSuffix "m" $q }}
+{{- $n = div (trimSuffix "m" $q | atoi) 1000 }}
+{{- else }}
+{{- $n = $q | float64 | floor | int64 }}
+{{- end }}
+{{- max $n 1 }}
+{{- end }}
+{{- end }}
+
 {{- define "pagedserve.serverEnvNames" -}}
 port: PAGEDSERVE_PORT
 metricsPort: PAGEDSERVE_METRICS_PORT
@@ -158,6 +181,9 @@ maxQueueSize: PAGEDSERVE_MAX_QUEUE_SIZE
 maxN: PAGEDSERVE_MAX_N
 maxStopStrings: PAGEDSERVE_MAX_STOP_STRINGS
 shutdownGracePeriodSeconds: PAGEDSERVE_SHUTDOWN_GRACE_PERIOD
+stepTimeoutSeconds: PAGEDSERVE_STEP_TIMEOUT
+engineFailureExitDelaySeconds: PAGEDSERVE_ENGINE_FAILURE_EXIT_DELAY
+metricsTenantLabel: PAGEDSERVE_METRICS_TENANT_LABEL
 {{- end }}
 
 {{/* PAGEDSERVE_MODEL from model.*; unset means the embedded default model. */}}

@@ -42,6 +42,8 @@ spec:
   securityContext:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
   terminationGracePeriodSeconds: {{ include "pagedserve.terminationGracePeriodSeconds" . }}
+  # The server exits with status 1 after an engine failure; the kubelet restarts it.
+  restartPolicy: Always
   containers:
     - name: pagedserve
       image: {{ include "pagedserve.image" . | quote }}
@@ -76,6 +78,10 @@ spec:
         - name: {{ $name }}
           value: {{ include "pagedserve.envValue" (dict "value" $value) | quote }}
         {{- end }}
+        {{- end }}
+        {{- with include "pagedserve.cpuThreads" . }}
+        - name: PAGEDSERVE_CPU_THREADS
+          value: {{ . | quote }}
         {{- end }}
         {{- with include "pagedserve.modelPath" . }}
         - name: PAGEDSERVE_MODEL

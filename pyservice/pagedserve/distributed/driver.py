@@ -25,7 +25,8 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.distributed.group import Placement, join_group, leave_group, placement_from_env
 from pagedserve.distributed.step import StepSender
-from pagedserve.distributed.worker import backend_for, build_rank_runner, weight_bytes, worker_main
+from pagedserve.distributed.worker import (backend_for, build_rank_runner, split_cpu_threads,
+                                          weight_bytes, worker_main)
 from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.model.loader import ModelSource, load_model_config
 from pagedserve.model.parallel import check_shardable
@@ -46,12 +47,13 @@ class WorkerSet:
     def __init__(self, placement: Placement, config: EngineConfig, source: ModelSource,
                  target: Callable = worker_main):
         ctx = torch.multiprocessing.get_context("spawn")
-        threads = max(1, torch.get_num_threads() // placement.local_ranks)
+        threads = config.cpu_threads or max(1, torch.get_num_threads() // placement.local_ranks)
         self.procs: dict[int, object] = {}
         self.conns: dict[int, object] = {}
         self.ready: dict[int, tuple[int, int]] = {}  # rank -> (pid, weight bytes)
         self.failure: WorkerFailedError | None = None
         self._exited: set[int] = set()  # reaped by the watcher, the only thread that reaps
+        self._exiting: set[int] = set()  # reported an error and exit by themselves
         self.stopping = False
         self._callbacks: list[Callable[[BaseException], None]] = []
         self._changed = threading.Condition()
@@ -125,10 +127,14 @@ class WorkerSet:
                 self._changed.notify_all()
         elif message[0] == "error":
             _, rank, text = message
-            self._fail(f"tensor-parallel worker rank {rank} failed:\n{text}")
+            self._fail(f"tensor-parallel worker rank {rank} failed:\n{text}", exiting=rank)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, exiting: int | None = None) -> None:
+        """`exiting`: the rank that reported its own error and exits by itself (status
+        1); the watcher reaps it like the others."""
         with self._changed:
+            if exiting is not None:
+                self._exiting.add(exiting)
             if self.failure is not None:
                 return
             self.failure = WorkerFailedError(reason)
@@ -143,7 +149,7 @@ class WorkerSet:
 
     def kill(self) -> None:
         for rank, proc in self.procs.items():
-            if rank not in self._exited:
+            if rank not in self._exited and rank not in self._exiting:
                 try:
                     os.kill(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -157,6 +163,7 @@ class WorkerSet:
         if self._thread.is_alive():
             log.warning("tensor-parallel workers %s did not stop within %gs; killing them",
                         sorted(set(self.procs) - self._exited), timeout_s)
+            self._exiting.clear()  # one that said it would exit and did not goes too
             self.kill()
             self._thread.join()
 
@@ -243,7 +250,7 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource) -> TensorPa
         raise ValueError(f"{source.origin}: GGUF models load with tensor_parallel_size 1 only; "
                          "use a Hugging Face safetensors directory for tensor parallelism")
     mc = load_model_config(source)
-    check_shardable(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, tp)
+    check_shardable(mc, tp)
     placement = placement_from_env(tp)
     if not placement.is_driver:
         raise ValueError(f"this process is tensor-parallel rank {placement.first_rank} "
@@ -251,6 +258,7 @@ def start_tensor_parallel(config: EngineConfig, source: ModelSource) -> TensorPa
     if config.on_gpu and torch.cuda.device_count() < placement.local_ranks:
         raise ValueError(f"tensor_parallel_size {tp} needs {placement.local_ranks} GPUs on this "
                          f"node; {torch.cuda.device_count()} visible")
+    config = split_cpu_threads(config, placement.local_ranks)
     workers = WorkerSet(placement, config, source)
     try:
         control = join_group(placement, 0, backend_for(config), config.distributed_timeout_s)
@@ -283,13 +291,13 @@ def serve_as_worker(config: EngineConfig) -> bool:
     if placement.is_driver:
         return False
     source = resolve_model(config.model)
+    config = split_cpu_threads(config, placement.local_ranks)
     log.info("tensor-parallel worker node: ranks %d..%d of %d, group at %s:%d",
              placement.first_rank, placement.first_rank + placement.local_ranks - 1,
              placement.world_size, placement.address, placement.port)
     workers = WorkerSet(placement, config, source)
     try:
-        run_rank(placement.first_rank, placement, config, source,
-                 max(1, torch.get_num_threads() // placement.local_ranks))
+        run_rank(placement.first_rank, placement, config, source, config.cpu_threads or 1)
     finally:
         workers.stopping = True
         workers.join()

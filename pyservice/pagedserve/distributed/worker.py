@@ -33,6 +33,18 @@ def backend_for(config: EngineConfig) -> str:
     return "nccl" if config.on_gpu else "gloo"
 
 
+def split_cpu_threads(config: EngineConfig, local_ranks: int) -> EngineConfig:
+    """On CPU, the config every rank of this node runs with: the node's threads
+    (cpu_threads, else what cpu_env plans for this process) shared out, at least one a
+    rank, so N ranks do not each start a pool the size of the host."""
+    if config.on_gpu:
+        return config
+    from pagedserve.cpu_env import plan_cpu_threads
+
+    total = plan_cpu_threads(config.cpu_threads, current=torch.get_num_threads()).threads
+    return dataclasses.replace(config, cpu_threads=max(1, total // max(1, local_ranks)))
+
+
 def build_rank_runner(config: EngineConfig, source: ModelSource, placement: Placement,
                       rank: int) -> ModelRunner:
     """This rank's ModelRunner: its slice of the model on its own device. CUDA graphs

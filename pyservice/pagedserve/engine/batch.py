@@ -7,6 +7,7 @@ decisions. Physical block ids index the KV cache tensors directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.sampling_params import SamplingParams
 
@@ -31,6 +32,9 @@ class SeqWork:
     sample_index: int
     # Masked out (with params.stop_token_ids) while len(output_token_ids) < min_tokens.
     eos_token_ids: frozenset[int] = frozenset()
+    # Structured output: the request's constraint (structured.logits.RequestConstraint),
+    # which masks this row's logits; None for an unconstrained request.
+    constraint: Any = None
 
 
 @dataclass

@@ -17,8 +17,10 @@ from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.prompt import PromptTokenizer, TokenizedPrompt
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.sequence import Sequence, SequenceGroup
-from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured.admission import StructuredOutputs
+from pagedserve.structured.backend import XGrammarBackend
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class LLMEngine:
             max_model_len=self.max_model_len, preemption_mode=config.scheduler_preemption_mode,
             eos_token_ids=self.eos_token_ids)
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        # Requests with a constraint wait here until it compiled (off the step loop).
+        self.structured = StructuredOutputs(
+            lambda: XGrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids),
+            threads=config.structured_compile_threads,
+            timeout_s=config.structured_compile_timeout_s)
         # A step scheduled ahead and queued on the device, not yet read back.
         self._inflight: tuple[Any, Any] | None = None
         _freeze_startup_heap(self)
@@ -88,8 +95,39 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer and this model has none; "
                              "use stop_token_ids")
         prompt = self.prompts(prompt)
-        self.scheduler.add_request(request_id, prompt.text, prompt.token_ids, params, priority,
-                                   cache_salt=cache_salt)
+        spec = params.constraint
+        if spec is None:
+            self.scheduler.add_request(request_id, prompt.text, prompt.token_ids, params,
+                                       priority, cache_salt=cache_salt)
+            return
+        if self.tokenizer is None:
+            raise ValueError(f"{spec.kind}: structured output needs a tokenizer and this "
+                             "model has none")
+        if request_id in self.structured or self.scheduler.get_group(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        args = (prompt.text, prompt.token_ids, params, priority)
+        constraint = self.structured.add(request_id, spec, (args, cache_salt))
+        if constraint is not None:  # compiled before (the cache)
+            self._add_constrained(request_id, (args, cache_salt), constraint)
+
+    def _add_constrained(self, request_id: str, args: tuple, constraint: Any) -> None:
+        (text, token_ids, params, priority), cache_salt = args
+        group = self.scheduler.add_request(request_id, text, token_ids, params, priority,
+                                           cache_salt=cache_salt)
+        group.constraint = constraint
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose constraint finished compiling join the scheduler's queue; those
+        whose compile failed or overran end here, as outputs carrying the error."""
+        for request_id, args, constraint in self.structured.ready():
+            try:
+                self._add_constrained(request_id, args, constraint)
+            except ValueError as exc:  # e.g. it cannot fit the KV cache
+                self.structured.reject(request_id, args, exc)
+        return [RequestOutput(request_id, text, token_ids, [], True,
+                              RequestMetrics(arrival, num_prompt_tokens=len(token_ids)), error)
+                for request_id, ((text, token_ids, _, _), _), arrival, error
+                in self.structured.take_rejected()]
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self.prompts.apply_chat_template(messages)
@@ -97,6 +135,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Ends the request now and frees its blocks; unknown ids are ignored (it may
         have just finished)."""
+        if self.structured.discard(request_id):
+            return
         group = self.scheduler.abort_request(request_id)
         if group is not None:
             self._forget(group)
@@ -113,7 +153,7 @@ class LLMEngine:
             close()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.structured.has_waiting()
 
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -124,6 +164,13 @@ class LLMEngine:
         what it holds without them: Scheduler.schedule_ahead), so the host's
         bookkeeping below runs while the GPU computes, and the next call finds its
         step already running."""
+        if self.structured.has_waiting():  # structured output: compiles that ended
+            turned_down = self._admit_compiled()
+            if turned_down:
+                return turned_down
+            if not self.scheduler.has_unfinished_requests() and self._inflight is None:
+                self.structured.wait(timeout=0.02)  # only compiles to wait for: no spinning
+                return []
         if self.config.async_scheduling:
             batch, results = self._run_async()
         else:
@@ -261,7 +308,8 @@ class LLMEngine:
         s, bm = self.scheduler, self.block_manager
         return {
             "num_running": len(s.running),
-            "num_waiting": len(s.waiting),
+            "num_waiting": len(s.waiting) + self.structured.num_waiting,
+            "num_compiling": self.structured.num_waiting,
             "num_swapped": len(s.swapped),
             "gpu_kv_usage": bm.usage,
             "cpu_kv_usage": 1.0 - bm.num_free_cpu_blocks / max(bm.num_cpu_blocks, 1),

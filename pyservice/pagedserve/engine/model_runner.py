@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from pagedserve import ops
+from pagedserve.ops import cpu_linear
 from pagedserve.config import EngineConfig
+from pagedserve.cpu_env import configure_torch_threads
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
 from pagedserve.engine.cuda_graphs import DecodeGraphs
 from pagedserve.engine.sampler import PendingSamples, Sampler
@@ -114,6 +116,8 @@ class ModelRunner:
         self.tp = tp
         # Set on the tensor-parallel driver once the workers are up (distributed.StepSender).
         self.peers = None
+        # Before anything computes: torch's pool sized to the CPUs this process may use.
+        self.cpu_plan = configure_torch_threads(config.cpu_threads)
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
@@ -124,6 +128,8 @@ class ModelRunner:
                                 dtype=self.dtype, max_model_len=self.max_model_len,
                                 load_format=config.load_format, seed=config.seed, tp=tp)
         self.num_kv_heads = kv_heads_per_rank(self.model_config.num_kv_heads, tp.size)
+        if self.device.type == "cpu":  # bf16 projections through oneDNN: this rank's
+            cpu_linear.pack_model(self.model)  # slice, packed once after it is loaded
         self.sampler = Sampler(self.device, seed=config.seed)
         self.gpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_cache: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -9,7 +9,9 @@ probability), and an exponential race, argmax(p / E) with E ~ Exp(1), which draw
 
 The noise of a row with a seed comes from a generator seeded by (seed, sample_index)
 alone, so its tokens do not depend on what else is batched, or on preemption.
-Logprobs are those of the raw model distribution, as vLLM reports them.
+Logprobs are those of the raw model distribution, as vLLM reports them. A row with a
+structured-output constraint has every token its grammar forbids masked to -inf after
+the penalties and min_tokens (pagedserve.structured.logits); other rows are untouched.
 
 Beam search rows sample nothing: they get their best next tokens by log-softmax, then
 the penalties and min_tokens masking (transformers' processed scores, which is what
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from pagedserve.engine.batch import SampleResult, SeqWork
+from pagedserve.structured.logits import constrain_logits
 
 _GREEDY_BELOW = 1e-5  # temperatures this small are argmax (dividing by them overflows)
 _MASK64 = (1 << 64) - 1
@@ -86,6 +89,8 @@ class Sampler:
         lse = torch.logsumexp(raw, dim=-1)
         logits = self.apply_penalties(raw, works)
         logits = self.mask_min_tokens(logits, works)
+        if any(w.constraint is not None for w in works):  # structured output's rows only
+            logits = constrain_logits(logits, raw, works)
         temps = [w.params.temperature for w in works]
         if all(t < _GREEDY_BELOW for t in temps):
             tokens = logits.argmax(dim=-1)

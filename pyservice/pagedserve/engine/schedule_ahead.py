@@ -15,10 +15,11 @@ _NO_EOS: frozenset[int] = frozenset()
 
 
 def _reads_outputs(params: Any) -> bool:
-    """Whether sampling reads the tokens generated so far (penalties count them), so
-    it cannot run before the previous token is known."""
+    """Whether sampling reads the tokens generated so far (penalties count them, a
+    constraint's matcher follows them), so it cannot run before the previous token is
+    known."""
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
+            or params.frequency_penalty != 0.0 or params.constrained)
 
 
 def schedule_ahead(sched: Scheduler, prev: ScheduledBatch) -> ScheduledBatch | None:

@@ -440,7 +440,7 @@ class Scheduler:
             seq.seq_id, seq.token_ids[start:end], start, table,
             end == len(seq.token_ids), seq.params, seq.prompt_token_ids,
             seq.output_token_ids, len(seq.output_token_ids),
-            _NO_EOS if seq.params.ignore_eos else self.eos_token_ids)
+            _NO_EOS if seq.params.ignore_eos else self.eos_token_ids, group.constraint)
 
     # ---- preemption ------------------------------------------------------------------
     def _preempt(self, group: SequenceGroup, batch: ScheduledBatch) -> None:

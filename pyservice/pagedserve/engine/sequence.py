@@ -130,6 +130,9 @@ class SequenceGroup:
         # prompt is in the cache, so the prompt is prefilled once and its blocks shared.
         self.seqs = [Sequence(first_seq_id, 0, prompt_token_ids, params)]
         self.beam: BeamState | None = None  # set by the scheduler for beam_width > 1
+        # Structured output: set by the engine once the grammar compiled (its matchers
+        # mask the sampler's rows: structured.logits.RequestConstraint).
+        self.constraint = None
         self.metrics = RequestMetrics(
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             num_prompt_tokens=len(prompt_token_ids))

@@ -1,4 +1,5 @@
-"""The Llama-family decoder over flat token batches, its config and its loader."""
+"""The decoders (Llama family, Gemma 3; see registry.py) over flat token batches,
+their normalised config and their loader."""
 
 from pagedserve.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 

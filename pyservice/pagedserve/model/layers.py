@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve import ops
-from pagedserve.model.config import ModelConfig, rope_parameters
+from pagedserve.model import rope
+from pagedserve.model.config import ModelConfig
+from pagedserve.ops import cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,20 @@ class AttentionMetadata:
 
 class Linear(nn.Linear):
     """nn.Linear through `ops.linear`: a small decode step's projections stream their
-    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse."""
+    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse. On CPU in
+    bfloat16, `ops.cpu_linear.pack_model` may set a oneDNN-packed copy of the weight."""
+
+    packed_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias), through the packed weight when there is one (a row-parallel
+        layer adds its bias only after the all-reduce)."""
+        if self.packed_weight is not None:
+            return cpu_linear.packed_linear(x, self.packed_weight, bias)
+        return ops.linear(x, self.weight, bias)
 
 
 class RMSNorm(nn.Module):
@@ -85,56 +97,42 @@ class RotaryEmbedding(nn.Module):
     rotates in place, in float32 from the tables, rounding once.
     """
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, layer_type: str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("cos", torch.empty(max_positions, cfg.head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, cfg.head_dim), persistent=False)
+        self.layer_type = layer_type  # which of the model's RoPE settings (Gemma 3 has two)
+        self.rotary_dim = cfg.rotary_dim  # < head_dim: partial rotary, the rest passes through
+        self.register_buffer("cos", torch.empty(max_positions, cfg.rotary_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, cfg.rotary_dim), persistent=False)
         if not self.cos.is_meta:
             self.reset()
 
     def reset(self) -> None:
         """(Re)compute the tables on the buffers' device, e.g. after `to_empty`."""
-        inv_freq, scaling = _inv_freq(self.cfg)
-        t = torch.arange(self.cos.shape[0], dtype=torch.float32, device="cpu")
-        freqs = torch.outer(t, inv_freq)
-        cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+        cos, sin = rope.cos_sin_tables(self.cfg, self.cos.shape[0], self.layer_type)
         device = self.cos.device
-        self.cos = torch.cat((cos, cos), dim=-1).to(device)
-        self.sin = torch.cat((-sin, sin), dim=-1).to(device)
+        self.cos, self.sin = cos.to(device), sin.to(device)
 
     def apply_(self, x: torch.Tensor, positions: torch.Tensor) -> None:
         """Rotates x [num_tokens, heads, head_dim] (queries and keys together) in place."""
+        if self.rotary_dim != x.shape[-1]:
+            x = x[..., : self.rotary_dim]
         ops.rotary_embedding(x, positions, self.cos, self.sin)
-
-
-def _inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    if cfg.rope_type == "default":
-        exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
-        return 1.0 / (cfg.rope_theta ** exponent), 1.0
-    # Scaled variants (linear, llama3, yarn): transformers' own formulas, so the
-    # frequencies are exactly those of the checkpoint's reference implementation.
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    hf = cfg.hf_config
-    if hf is None:
-        raise ValueError(f"rope scaling type {cfg.rope_type} needs the model's HF config")
-    if not getattr(hf, "rope_parameters", None) and getattr(hf, "rope_scaling", None):
-        params = rope_parameters(hf)  # transformers 4.x reads rope_scaling["rope_type"]
-        hf.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf, torch.device("cpu"))
-    return inv_freq.float(), float(scaling)
 
 
 class PagedAttention(nn.Module):
     """Writes this step's keys/values into the paged cache, then attends over it."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float | None = None, sliding_window: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        # Keys less than this many positions back, or None (full causal). Windowed layers
+        # run ops' sliding-window path on every device (the CUDA kernels have no window).
+        self.sliding_window = sliding_window
         self.key_cache: torch.Tensor | None = None  # bound by the model runner
         self.value_cache: torch.Tensor | None = None
 
@@ -144,6 +142,8 @@ class PagedAttention(nn.Module):
         assert kc is not None, "KV cache not bound: ModelRunner binds it before any forward"
         # q/k/v are row-strided views of the fused projection: the ops accept that.
         ops.write_kv(k, v, kc, vc, md.slot_mapping)
+        if self.sliding_window is not None:
+            return self._windowed(q, md)
         p = md.num_prefill_tokens
         flash = md.flash_cu_seqlens is not None and flash_usable()
         if md.num_decodes == 0 and not flash:
@@ -167,6 +167,18 @@ class PagedAttention(nn.Module):
         if md.num_decodes:
             ops.decode_attention(q[p:], kc, vc, md.decode_block_tables, md.decode_context_lens,
                                  self.scale, out=out[p:])
+        return out
+
+    def _windowed(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        kc, vc, p, w = self.key_cache, self.value_cache, md.num_prefill_tokens, self.sliding_window
+        out = torch.empty_like(q)
+        if md.num_prefills:  # every prefill chunk, the fresh ones included, from the pool
+            ops.prefill_attention(q[:p], kc, vc, md.prefill_block_tables,
+                                  md.prefill_query_start_loc, md.prefill_context_lens,
+                                  self.scale, out=out[:p], window=w)
+        if md.num_decodes:
+            ops.decode_attention(q[p:], kc, vc, md.decode_block_tables, md.decode_context_lens,
+                                 self.scale, out=out[p:], window=w)
         return out
 
 

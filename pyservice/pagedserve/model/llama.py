@@ -1,33 +1,38 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat batch.
+"""Llama-family decoder over a flat batch: Llama 2/3, Mistral, Qwen2, SmolLM2, and
+through their config fields Qwen3 (per-head q/k norms), Phi-3/4 (fused checkpoint
+projections, partial rotary, LongRoPE), Qwen3-MoE and Mixtral (sparse MoE MLPs).
 
 Every projection is one matmul over all tokens of the step (no padding, no per-sequence
 loop); only attention looks at sequence boundaries, through the paged ops. Q/K/V and
 gate/up are fused into one weight each, filled from the checkpoint's separate tensors
 by `load_weights`.
 
-With tensor parallelism (`tp`, model/parallel.py) each rank builds the same decoder
-over its slice: its query/KV heads and MLP rows, a slice of the vocabulary; O and
-down projections end in one all-reduce each. `tp` of size 1 is the plain model.
+Under tensor parallelism (model/parallel.py) each rank builds the dense Llama layers
+with its slice of the heads, the MLP and the vocabulary, and `checkpoint_target` names
+the part of every checkpoint tensor the rank keeps; the families not sharded yet are
+refused before anything is built (`parallel.check_shardable`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from pagedserve import ops
+from pagedserve.model.activation import act_and_mul
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
+from pagedserve.model.moe import SparseMoe
 from pagedserve.model.parallel import (SINGLE, ColumnParallelLinear, ParallelLMHead,
                                        QKVParallelLinear, RowParallelLinear, TensorParallel,
                                        VocabParallelEmbedding, check_shardable,
                                        kv_heads_per_rank)
+from pagedserve.model.weights import Target, load_checkpoint
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, tp: TensorParallel = SINGLE):
         super().__init__()
         num_heads = cfg.num_heads // tp.size  # this rank's heads
         num_kv_heads = kv_heads_per_rank(cfg.num_kv_heads, tp.size)
@@ -38,13 +43,22 @@ class Attention(nn.Module):
                                           cfg.num_kv_heads, cfg.qkv_bias, tp)
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
                                         cfg.o_bias, tp)
-        self.attn = PagedAttention(num_heads, num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:  # one RMSNorm over every q (k) head, before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.attn = PagedAttention(num_heads, num_kv_heads, cfg.head_dim,
+                                   scale=cfg.attn_scale,
+                                   sliding_window=cfg.layer_windows[layer_idx])
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 md: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
+        if hasattr(self, "q_norm"):
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size:qk_size]
+            q.copy_(self.q_norm(q.view(n, -1, self.head_dim)).view(n, -1))
+            k.copy_(self.k_norm(k.view(n, -1, self.head_dim)).view(n, -1))
         # Queries and keys sit side by side: rotate them in one pass, in place. q, k and
         # v stay row-strided views of the projection; the attention ops take that.
         rope.apply_(qkv[:, :qk_size].view(n, -1, self.head_dim), positions)
@@ -56,23 +70,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.intermediate_size = cfg.intermediate_size // tp.size
+        self.act = cfg.hidden_act
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [cfg.intermediate_size] * 2, cfg.mlp_bias, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp)
+        self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = SparseMoe(cfg) if cfg.moe_layers[layer_idx] else MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rope: RotaryEmbedding, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +106,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg, max_positions)
 
@@ -111,14 +127,20 @@ _FUSED = {
 }
 
 
+# Mixtral's checkpoint names for its experts' projections
+_EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
 class LlamaForCausalLM(nn.Module):
+    model_cls = LlamaModel  # the decoder stack (Gemma 3 brings its own)
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None,
                  tp: TensorParallel = SINGLE):
         super().__init__()
-        check_shardable(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp.size)
+        check_shardable(cfg, tp.size)
         self.config = cfg
         self.tp = tp
-        self.model = LlamaModel(cfg, max_positions or cfg.max_position_embeddings, tp)
+        self.model = self.model_cls(cfg, max_positions or cfg.max_position_embeddings, tp)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         self.tie_weights()
 
@@ -137,56 +159,84 @@ class LlamaForCausalLM(nn.Module):
         """float32 logits; under tensor parallelism on rank 0 only (None elsewhere),
         every rank taking part in gathering them."""
         logits = self.lm_head.logits(hidden)
-        return None if logits is None else logits.float()
+        if logits is None:
+            return None
+        logits = logits.float()
+        cap = self.config.final_logit_softcapping
+        if cap:  # Gemma: squash the logits into (-cap, cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
+    def _shard_slice(self, fused: str, shard: int) -> tuple[int, int]:
+        cfg = self.config
+        if fused == "qkv_proj":
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
+        i = cfg.intermediate_size
+        return (shard * i, (shard + 1) * i)
+
+    def checkpoint_target(self, name: str) -> Target:
+        """Where checkpoint tensor `name` goes: (parameter, index) or None (skipped).
+        Separate q/k/v and gate/up tensors fill rows of our fused ones (Phi-3's are
+        fused already); per-expert tensors fill one expert of the stacked ones."""
+        if "rotary_emb" in name:
+            return None
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None  # some tied checkpoints still store the copy
+        parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
+        if len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit():
+            e, proj = int(parts[-3]), _EXPERT_PROJ.get(parts[-2], parts[-2])
+            base, i = ".".join(parts[:-3]), self.config.moe_intermediate_size
+            if proj == "down_proj":
+                return base + ".down_proj", (e,)
+            rows = {"gate_proj": slice(0, i), "up_proj": slice(i, 2 * i)}.get(proj)
+            return (base + ".gate_up_proj", (e, rows)) if rows else (name, ())
+        if len(parts) >= 3 and parts[-2] in _FUSED:
+            fused, shard = _FUSED[parts[-2]]
+            target = ".".join(parts[:-2] + [fused, parts[-1]])
+            if self.tp.size > 1:
+                return self._rank_target(target, shard)
+            lo, hi = self._shard_slice(fused, shard)
+            return target, (slice(lo, hi),)
+        target = ".".join(parts)
+        return self._rank_target(target, 0) if self.tp.size > 1 else (target, ())
+
+    def _rank_target(self, target: str, shard: int) -> Target:
+        """This rank's part of a checkpoint tensor: the sharded layers say which rows or
+        columns they keep (`rank_part`); the rest (norms) is replicated whole."""
+        owner, _, param = target.rpartition(".")
+        module = self._modules_by_name().get(owner)
+        if module is None or not hasattr(module, "rank_part"):
+            return target, ()
+        index, part = module.rank_part(param, shard)
+        return target, index, part
+
+    def _modules_by_name(self) -> dict[str, nn.Module]:
+        if "_by_name" not in self.__dict__:
+            self.__dict__["_by_name"] = dict(self.named_modules())
+        return self.__dict__["_by_name"]
+
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        """Fill our parameters from checkpoint tensors (Hugging Face names): torch
-        tensors or memory-mapped safetensors slices, of which each layer reads only
-        this rank's part.
-
-        Every parameter must be covered exactly once: a missing or unknown tensor is an
-        error, so a checkpoint of the wrong shape family cannot load half-way.
-        """
-        params = dict(self.named_parameters())
-        modules = dict(self.named_modules())
-        filled: dict[str, int] = {}
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue  # some tied checkpoints still store the copy
-            parts = name.split(".")
-            target, shard = name, 0
-            if len(parts) >= 3 and parts[-2] in _FUSED:
-                fused, shard = _FUSED[parts[-2]]
-                target = ".".join(parts[:-2] + [fused, parts[-1]])
-            if target not in params:
-                raise ValueError(f"checkpoint tensor {name} has no place in {self.config.architecture}")
-            owner, _, param = target.rpartition(".")
-            module = modules[owner]
-            if hasattr(module, "load_shard"):
-                module.load_shard(param, name, tensor, shard)
-            else:  # replicated on every rank (norms)
-                dst = params[target].data
-                if tuple(dst.shape) != _shape(tensor):
-                    raise ValueError(f"checkpoint tensor {name} has shape {_shape(tensor)}, "
-                                     f"expected {tuple(dst.shape)}")
-                dst.copy_(tensor[:])
-            filled[target] = filled.get(target, 0) + 1
-        expected = {n: (3 if n.endswith(("qkv_proj.weight", "qkv_proj.bias")) else
-                        2 if "gate_up_proj" in n else 1) for n in params}
-        missing = sorted(n for n, count in expected.items() if filled.get(n, 0) != count)
-        if missing:
-            raise ValueError(f"checkpoint lacks weights for {len(missing)} parameters, "
-                             f"e.g. {', '.join(missing[:3])}")
-
-
-def _shape(tensor: Any) -> tuple[int, ...]:
-    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.get_shape())
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into our parameters; every
+        parameter must be covered exactly once (model/weights.py). The tensors may be
+        memory-mapped safetensors slices: a tensor-parallel rank reads only its part."""
+        padding = {}  # vocabulary rows past the end on the last rank: zero, never loaded
+        modules = self._modules_by_name()
+        for pname, p in self.named_parameters():  # a tied weight once
+            rows = getattr(modules[pname.rpartition(".")[0]], "padding_rows", 0)
+            if rows:
+                p.data[p.shape[0] - rows:].zero_()
+                padding[pname] = rows * p.shape[1]
+        load_checkpoint(self, weights, self.checkpoint_target, self.config.architecture,
+                        padding=padding)
+        if self.config.norm_offset:  # Gemma's norms scale by (1 + w): fold the 1 in once
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(self.config.norm_offset)
 
 
 def fused_checkpoint_names(param: str) -> list[str]:

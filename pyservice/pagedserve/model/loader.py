@@ -21,9 +21,12 @@ from typing import Iterator
 
 import torch
 
+from torch import nn
+
 from pagedserve.model.config import ModelConfig
-from pagedserve.model.llama import LlamaForCausalLM, fused_checkpoint_names
+from pagedserve.model.layers import RotaryEmbedding
 from pagedserve.model.parallel import SINGLE, TensorParallel
+from pagedserve.model.registry import model_class
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +108,20 @@ def resolve_max_model_len(requested: int | None, cfg: ModelConfig) -> int:
 
 def load_model(source: ModelSource, cfg: ModelConfig, *, device: str, dtype: torch.dtype,
                max_model_len: int, load_format: str = "auto", seed: int = 0,
-               tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill its weights: with tensor
-    parallelism, only this rank's slice of them."""
+               tp: TensorParallel = SINGLE) -> nn.Module:
+    """Build the model of the config's architecture (model/registry.py) on `device`
+    in `dtype` and fill its weights: with tensor parallelism, only this rank's slice."""
     if tp.size > 1 and source.gguf_file and load_format != "dummy":
         raise ValueError(f"{source.origin}: GGUF models load with tensor_parallel_size 1 only; "
                          "use a Hugging Face safetensors directory for tensor parallelism")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=max_model_len, tp=tp)
+        model = model_class(cfg.architecture)(cfg, max_positions=max_model_len, tp=tp)
     model.to(dtype)
     model.to_empty(device=device)  # no wasted random init of weights about to be replaced
     model.tie_weights()
-    model.model.rotary_emb.reset()
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset()
     if load_format == "dummy" and tp.size == 1:
         _init_dummy(model, seed)
     elif load_format == "dummy":
@@ -129,7 +134,7 @@ def load_model(source: ModelSource, cfg: ModelConfig, *, device: str, dtype: tor
 
 
 @torch.no_grad()
-def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+def _init_dummy(model: nn.Module, seed: int) -> None:
     # Small normal weights (the usual 0.02 initialiser), unit norms, zero biases: outputs
     # stay finite and non-degenerate at any depth, which benchmarks and tests rely on.
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -147,8 +152,10 @@ def _dummy_checkpoint(cfg: ModelConfig, seed: int, device: str,
     """The weights `_init_dummy` gives the single-device model, drawn in the same order
     from the same generator, one full tensor at a time, under checkpoint names: a
     tensor-parallel rank keeps its slice, so any size serves the same random model."""
+    from pagedserve.model.llama import fused_checkpoint_names
+
     with torch.device("meta"):
-        whole = LlamaForCausalLM(cfg, max_positions=1)
+        whole = model_class(cfg.architecture)(cfg, max_positions=1)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in whole.named_parameters():
         full = torch.empty(p.shape, dtype=dtype, device=device)
@@ -163,11 +170,25 @@ def _dummy_checkpoint(cfg: ModelConfig, seed: int, device: str,
         yield from zip(names, full.split(sizes))
 
 
+def safetensors_files(directory: str) -> list[str]:
+    """The checkpoint's safetensors files: those a sharded checkpoint's index lists
+    (model.safetensors.index.json), else every *.safetensors of the directory."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise ValueError(f"{index} lists {len(missing)} missing shard files, e.g. {missing[0]}")
+        return [os.path.join(directory, n) for n in names]
+    return sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+
+
 def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, object]]:
     """(name, tensor) of every checkpoint tensor. From safetensors the "tensor" is a
     memory-mapped slice: the loading layer indexes the part its rank keeps, and only
     those bytes are read."""
-    files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
+    files = safetensors_files(source.directory)
     if not files:  # e.g. pytorch_model.bin only: let transformers read it
         from transformers import AutoModelForCausalLM
 
@@ -182,7 +203,7 @@ def _iter_hf_dir(source: ModelSource) -> Iterator[tuple[str, object]]:
                 yield name, st.get_slice(name)
 
 
-def _load_gguf(model: LlamaForCausalLM, source: ModelSource) -> None:
+def _load_gguf(model: nn.Module, source: ModelSource) -> None:
     from transformers import AutoModelForCausalLM
 
     log.info("converting %s (GGUF) through transformers", source.origin)

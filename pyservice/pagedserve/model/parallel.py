@@ -7,22 +7,24 @@ vocabulary. With `TensorParallel.size == 1` every layer is the plain single-devi
 module (same parameter shapes, same forward, no collective), so one process serves
 exactly as it did before tensor parallelism existed.
 
-Each layer loads its own slice from a full checkpoint tensor: `load_shard` slices
+Each layer names the part of a full checkpoint tensor it keeps (`rank_part`: where in
+its parameter, which rows or columns of the tensor); model/weights.py reads that part
 with plain indexing, which both a torch tensor and a memory-mapped safetensors slice
 (`safe_open(...).get_slice(name)`) accept, so a rank reads only its bytes.
+
+Sharded so far: the dense Llama decoder (Llama, Mistral without a sliding window,
+Qwen2, SmolLM2). `check_shardable` refuses the others by name before anything loads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve import ops
 from pagedserve.model.layers import Linear
+from pagedserve.model.weights import Part
 
 
 @dataclass(frozen=True)
@@ -67,35 +69,51 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
-def check_shardable(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size: int) -> None:
-    """ValueError unless the model splits evenly over `tp_size` ranks."""
+def unsharded_features(cfg) -> list[str]:
+    """What in model config `cfg` (model/config.ModelConfig) the sharded layers do not
+    cover yet; empty when the model shards."""
+    features = []
+    if any(cfg.moe_layers):
+        features.append("sparse MoE layers")
+    if cfg.qk_norm:
+        features.append("per-head q/k norms")
+    if any(w is not None for w in cfg.layer_windows):
+        features.append("sliding-window attention")
+    if cfg.norm_offset or cfg.embed_scale or cfg.final_logit_softcapping:
+        features.append("Gemma-style norms and scales")
+    if cfg.architecture == "Phi3ForCausalLM":
+        features.append("fused checkpoint projections")
+    return features
+
+
+def check_shardable(cfg, tp_size: int) -> None:
+    """ValueError unless model config `cfg` splits evenly over `tp_size` ranks with the
+    layers sharded so far."""
     if tp_size == 1:
         return
-    if num_heads % tp_size:
+    features = unsharded_features(cfg)
+    if features:
+        raise ValueError(f"tensor_parallel_size {tp_size}: {cfg.architecture} models are not "
+                         f"sharded yet ({', '.join(features)}); serve this model with "
+                         f"tensor_parallel_size 1")
+    if cfg.num_heads % tp_size:
         raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's "
-                         f"{num_heads} query heads")
-    if num_kv_heads % tp_size and tp_size % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size {tp_size} and the model's {num_kv_heads} KV "
+                         f"{cfg.num_heads} query heads")
+    if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {tp_size} and the model's {cfg.num_kv_heads} KV "
                          f"heads must divide one another (heads are split, or replicated)")
-    if intermediate_size % tp_size:
+    if cfg.intermediate_size % tp_size:
         raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's "
-                         f"intermediate size {intermediate_size}")
+                         f"intermediate size {cfg.intermediate_size}")
+    if -(-cfg.vocab_size // tp_size) * (tp_size - 1) >= cfg.vocab_size:
+        raise ValueError(f"tensor_parallel_size {tp_size} leaves a rank without vocabulary "
+                         f"rows of the model's {cfg.vocab_size}")
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
     """KV heads each rank holds: a share of them, or one replicated head when there are
     fewer KV heads than ranks."""
     return max(1, num_kv_heads // tp_size)
-
-
-def _shape(t: Any) -> tuple[int, ...]:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t.get_shape())
-
-
-def _check(name: str, tensor: Any, expected: tuple[int, ...]) -> None:
-    if _shape(tensor) != tuple(expected):
-        raise ValueError(f"checkpoint tensor {name} has shape {_shape(tensor)}, "
-                         f"expected {tuple(expected)}")
 
 
 def _split(n: int, tp: TensorParallel) -> tuple[int, int]:
@@ -117,12 +135,12 @@ class ColumnParallelLinear(Linear):
             self.offsets.append(self.offsets[-1] + end - start)
         super().__init__(input_size, self.offsets[-1], bias=bias)
 
-    def load_shard(self, param: str, name: str, tensor: Any, shard: int = 0) -> None:
+    def rank_part(self, param: str, shard: int = 0) -> tuple[tuple, Part]:
+        """Our rows for checkpoint tensor number `shard` of those fused here."""
         full = (self.output_sizes[shard],) + ((self.in_features,) if param == "weight" else ())
-        _check(name, tensor, full)
         start, end = self.shard_rows[shard]
         lo = self.offsets[shard]
-        getattr(self, param).data[lo:lo + end - start].copy_(tensor[start:end])
+        return (slice(lo, lo + end - start),), Part(full, (slice(start, end),))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -153,17 +171,16 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
-        y = self.tp.all_reduce(ops.linear(x, self.weight, None))
+        y = self.tp.all_reduce(self.matmul(x, None))
         return y if self.bias is None else y.add_(self.bias)
 
-    def load_shard(self, param: str, name: str, tensor: Any, shard: int = 0) -> None:
+    def rank_part(self, param: str, shard: int = 0) -> tuple[tuple, Part]:
+        """Our input columns of the weight; the bias whole (added once, after the sum)."""
         if param == "bias":
-            _check(name, tensor, (self.out_features,))
-            self.bias.data.copy_(tensor[:])
-            return
-        _check(name, tensor, (self.out_features, self.full_input_size))
+            return (), Part((self.out_features,), (slice(None),))
         start, end = _split(self.full_input_size, self.tp)
-        self.weight.data.copy_(tensor[:, start:end])
+        return (), Part((self.out_features, self.full_input_size),
+                        (slice(None), slice(start, end)))
 
 
 def _vocab_rows(vocab_size: int, tp: TensorParallel) -> tuple[int, int]:
@@ -173,13 +190,17 @@ def _vocab_rows(vocab_size: int, tp: TensorParallel) -> tuple[int, int]:
     return tp.rank * per_rank, per_rank
 
 
-def _load_vocab_rows(weight: torch.Tensor, vocab_size: int, tp: TensorParallel, name: str,
-                     tensor: Any) -> None:
-    _check(name, tensor, (vocab_size, weight.shape[1]))
+def _vocab_part(vocab_size: int, hidden_size: int, tp: TensorParallel) -> tuple[tuple, Part]:
+    """This rank's real vocabulary rows: the first rows of its weight, the padding after
+    them staying zero."""
     start, per_rank = _vocab_rows(vocab_size, tp)
-    end = min(start + per_rank, vocab_size)
-    weight.data[: end - start].copy_(tensor[start:end])
-    weight.data[end - start:].zero_()
+    n = min(start + per_rank, vocab_size) - start
+    return (slice(0, n),), Part((vocab_size, hidden_size), (slice(start, start + n),))
+
+
+def _padding_rows(vocab_size: int, tp: TensorParallel) -> int:
+    start, per_rank = _vocab_rows(vocab_size, tp)
+    return start + per_rank - min(start + per_rank, vocab_size)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -190,6 +211,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.tp = tp
         self.vocab_size = vocab_size
         self.vocab_start, per_rank = _vocab_rows(vocab_size, tp)
+        self.padding_rows = _padding_rows(vocab_size, tp)
         super().__init__(per_rank, hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -201,8 +223,8 @@ class VocabParallelEmbedding(nn.Embedding):
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(out)
 
-    def load_shard(self, param: str, name: str, tensor: Any, shard: int = 0) -> None:
-        _load_vocab_rows(self.weight, self.vocab_size, self.tp, name, tensor)
+    def rank_part(self, param: str, shard: int = 0) -> tuple[tuple, Part]:
+        return _vocab_part(self.vocab_size, self.embedding_dim, self.tp)
 
 
 class ParallelLMHead(Linear):
@@ -213,6 +235,7 @@ class ParallelLMHead(Linear):
     def __init__(self, hidden_size: int, vocab_size: int, tp: TensorParallel = SINGLE):
         self.tp = tp
         self.vocab_size = vocab_size
+        self.padding_rows = _padding_rows(vocab_size, tp)
         super().__init__(hidden_size, _vocab_rows(vocab_size, tp)[1], bias=False)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -223,5 +246,5 @@ class ParallelLMHead(Linear):
         full = self.tp.gather_last_dim(local)
         return None if full is None else full[:, : self.vocab_size]
 
-    def load_shard(self, param: str, name: str, tensor: Any, shard: int = 0) -> None:
-        _load_vocab_rows(self.weight, self.vocab_size, self.tp, name, tensor)
+    def rank_part(self, param: str, shard: int = 0) -> tuple[tuple, Part]:
+        return _vocab_part(self.vocab_size, self.in_features, self.tp)

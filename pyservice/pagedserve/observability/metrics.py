@@ -87,37 +87,61 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 
 class Metrics:
-    """pagedserve's registry: the engine collector plus per-request metrics."""
+    """pagedserve's registry: the engine collector plus per-request metrics.
 
-    def __init__(self) -> None:
+    With `tenant_label` the per-request metrics carry a `tenant` label (the caller's
+    tenant, "anonymous" without authentication). Off by default: tenant names can be
+    many, and a shared Prometheus is not always meant to see them.
+    """
+
+    ANONYMOUS = "anonymous"
+
+    def __init__(self, tenant_label: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.engine = EngineCollector()
         self.registry.register(self.engine)
+        self.tenant_label = tenant_label
         r = self.registry
+        tenant = ["tenant"] if tenant_label else []
         self.prompt_tokens = Counter(
             "pagedserve:prompt_tokens", "Prompt tokens of requests, counted when their "
-            "first token is out.", registry=r)
+            "first token is out.", tenant, registry=r)
         self.generation_tokens = Counter(
-            "pagedserve:generation_tokens", "Tokens generated, all samples.", registry=r)
+            "pagedserve:generation_tokens", "Tokens generated, all samples.", tenant,
+            registry=r)
         self.requests_finished = Counter(
             "pagedserve:requests_finished", "Requests ended, by reason: stop, length, or "
-            "abort (cancelled, deadline, shutdown).", ["finish_reason"], registry=r)
-        for reason in ("stop", "length", "abort"):
-            self.requests_finished.labels(reason)  # present at 0, so rate() works from start
+            "abort (cancelled, deadline, shutdown).", ["finish_reason", *tenant], registry=r)
+        if not tenant_label:
+            for reason in ("stop", "length", "abort"):
+                self.requests_finished.labels(reason)  # present at 0: rate() works from start
         self.time_to_first_token = Histogram(
             "pagedserve:time_to_first_token_seconds", "Arrival to first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            tenant, buckets=LATENCY_BUCKETS, registry=r)
         self.time_per_output_token = Histogram(
             "pagedserve:time_per_output_token_seconds", "Decode time per token after the "
             "first: (finish - first token) / (tokens of the longest sample - 1).",
-            buckets=TOKEN_BUCKETS, registry=r)
+            tenant, buckets=TOKEN_BUCKETS, registry=r)
         self.e2e_latency = Histogram(
             "pagedserve:e2e_request_latency_seconds", "Arrival to finish.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            tenant, buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram(
             "pagedserve:request_queue_time_seconds", "Arrival to first scheduling.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            tenant, buckets=LATENCY_BUCKETS, registry=r)
+        self.unparseable_requests = Counter(
+            "pagedserve:unparseable_requests", "Requests whose bytes did not parse as the "
+            "method's message (answered INVALID_ARGUMENT, not logged).", registry=r)
         self._http = None
+
+    def for_tenant(self, tenant: str | None) -> RequestSeries:
+        """The per-request metrics one request records into: labelled with its tenant
+        when the tenant label is on, the plain metrics otherwise."""
+        if not self.tenant_label:
+            return RequestSeries(self, ())
+        labels = (tenant or self.ANONYMOUS,)
+        for reason in ("stop", "length", "abort"):
+            self.requests_finished.labels(reason, *labels)
+        return RequestSeries(self, labels)
 
     def attach_engine(self, stats: Callable[[], dict | None]) -> None:
         self.engine.stats = stats
@@ -141,12 +165,31 @@ class Metrics:
             self._http = None
 
 
+class RequestSeries:
+    """The per-request metrics with one request's label values bound (its tenant, or
+    none)."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
+        self._labels = labels
+        bind = (lambda m: m.labels(*labels)) if labels else (lambda m: m)
+        self.prompt_tokens = bind(metrics.prompt_tokens)
+        self.generation_tokens = bind(metrics.generation_tokens)
+        self.time_to_first_token = bind(metrics.time_to_first_token)
+        self.time_per_output_token = bind(metrics.time_per_output_token)
+        self.e2e_latency = bind(metrics.e2e_latency)
+        self.queue_time = bind(metrics.queue_time)
+        self._finished = metrics.requests_finished
+
+    def finished(self, reason: str):
+        return self._finished.labels(reason, *self._labels)
+
+
 class RequestRecorder:
     """Per-request bookkeeping as its cumulative outputs go by: token counters move as
     tokens appear, histograms and the finish counter once at the end."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, tenant: str | None = None) -> None:
+        self.metrics = metrics.for_tenant(tenant)
         self.num_generated = 0
         self.started = False
         self.done = False
@@ -172,14 +215,14 @@ class RequestRecorder:
         """The RPC ended before the request finished (cancel, deadline, error)."""
         if not self.done:
             self.done = True
-            self.metrics.requests_finished.labels("abort").inc()
+            self.metrics.finished("abort").inc()
 
     def _finish(self, output) -> None:
         self.done = True
         m, t = self.metrics, output.metrics
         reasons = {c.finish_reason for c in output.outputs}
         reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
-        m.requests_finished.labels(reason).inc()
+        m.finished(reason).inc()
         if t.finished_time is None:
             return
         m.e2e_latency.observe(max(0.0, t.finished_time - t.arrival_time))

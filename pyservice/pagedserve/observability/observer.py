@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pagedserve.observability.metrics import Metrics, RequestRecorder
 from pagedserve.observability.spans import emit_request_spans
 from pagedserve.observability.tracing import Tracing, current_rpc_span
+from pagedserve.server.tenancy import current_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +25,21 @@ class Observability:
 
     @classmethod
     def from_settings(cls, *, disable_tracing: bool = False,
-                      metrics_port: int | None = 9464, metrics_host: str = "0.0.0.0"
-                      ) -> Observability:
+                      metrics_port: int | None = 9464, metrics_host: str = "0.0.0.0",
+                      metrics_tenant_label: bool = False) -> Observability:
         """Tracing from the OTEL_* environment unless disabled; the metrics endpoint
-        started on `metrics_port` (None: no metrics)."""
-        tracing = Tracing.from_env(disabled=disable_tracing)
+        started on `metrics_host`:`metrics_port` (None: no metrics). The endpoint is
+        started first: a port in use fails before tracing starts its exporter."""
         metrics = None
         if metrics_port is not None:
-            metrics = Metrics()
+            metrics = Metrics(tenant_label=metrics_tenant_label)
             metrics.serve(metrics_port, metrics_host)
+        try:
+            tracing = Tracing.from_env(disabled=disable_tracing)
+        except BaseException:
+            if metrics is not None:
+                metrics.shutdown()
+            raise
         return cls(tracing, metrics)
 
     def interceptors(self) -> list:
@@ -53,7 +60,8 @@ class Observability:
             return
         # Read now, in the RPC's task: cleanup may run in another one (generator close).
         parent = current_rpc_span()
-        recorder = RequestRecorder(self.metrics) if self.metrics is not None else None
+        recorder = RequestRecorder(self.metrics, current_tenant.get()) \
+            if self.metrics is not None else None
         last, cancelled = None, False
         try:
             async for output in stream:
@@ -82,6 +90,11 @@ class Observability:
             emit_request_spans(self.tracing.tracer, output, params, model, parent, end_time)
         except Exception:  # noqa: BLE001 - a tracing bug must not fail the request
             logger.exception("could not record the engine spans of %s", output.request_id)
+
+    def count_unparseable(self) -> None:
+        """A request whose bytes did not parse (counted, never logged)."""
+        if self.metrics is not None:
+            self.metrics.unparseable_requests.inc()
 
     def shutdown(self) -> None:
         """Flush queued spans and stop the metrics endpoint."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_attention, reference
+from . import cpu_attention, reference, sliding_window
 from .loaders import available_loaders, get_loader, set_loader
 
 __all__ = [
@@ -53,8 +53,12 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
 
 
 def decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale: float,
-                     out=None):
-    """out: optional contiguous tensor shaped like query to write into (returned)."""
+                     out=None, window: int | None = None):
+    """out: optional contiguous tensor shaped like query to write into (returned).
+    window: a sliding window (keys less than `window` positions back), any device."""
+    if window is not None:
+        return sliding_window.decode_attention(query, key_cache, value_cache, block_tables,
+                                               context_lens, scale, window, out=out)
     if query.is_cuda:
         return _cuda().decode_attention(query, key_cache, value_cache, block_tables, context_lens,
                                         scale, out)
@@ -63,8 +67,13 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
 
 
 def prefill_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,
-                      scale: float, out=None):
-    """out: optional contiguous tensor shaped like query to write into (returned)."""
+                      scale: float, out=None, window: int | None = None):
+    """out: optional contiguous tensor shaped like query to write into (returned).
+    window: a sliding window (keys less than `window` positions back), any device."""
+    if window is not None:
+        return sliding_window.prefill_attention(query, key_cache, value_cache, block_tables,
+                                                query_start_loc, context_lens, scale, window,
+                                                out=out)
     if query.is_cuda:
         return _cuda().prefill_attention(query, key_cache, value_cache, block_tables,
                                          query_start_loc, context_lens, scale, out)

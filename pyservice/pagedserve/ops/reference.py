@@ -41,8 +41,9 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int,
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query token per sequence over its whole cached context."""
+                     scale: float, window: int | None = None) -> torch.Tensor:
+    """One query token per sequence over its whole cached context, or over its last
+    `window` positions (itself included) when a sliding window is given."""
     num_seqs, num_heads, head_size = query.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -50,7 +51,10 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         return torch.empty_like(query)
     ctx = context_lens.to(device=query.device, dtype=torch.long)
     nb = max(1, -(-int(ctx.max()) // block_size))
-    valid = torch.arange(nb * block_size, device=query.device)[None, :] < ctx[:, None]  # [S, L]
+    pos = torch.arange(nb * block_size, device=query.device)[None, :]
+    valid = pos < ctx[:, None]  # [S, L]
+    if window is not None:
+        valid &= pos >= (ctx - window)[:, None]
     cd = _compute_dtype(query.dtype)
     k = _gather(key_cache, block_tables, nb, valid, cd)
     v = _gather(value_cache, block_tables, nb, valid, cd)
@@ -64,8 +68,10 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Varlen causal attention of packed new tokens over cached prefix + themselves."""
+                      context_lens: torch.Tensor, scale: float,
+                      window: int | None = None) -> torch.Tensor:
+    """Varlen causal attention of packed new tokens over cached prefix + themselves;
+    with a sliding window, each token sees only keys less than `window` positions back."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -91,8 +97,13 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     v = _gather(value_cache, block_tables, nb, valid, cd)
     # Row i of sequence s sits at position ctx - n_new + i and sees keys 0..that position.
     pos = (ctx - n_new)[:, None] + torch.arange(max_q, device=dev)[None, :]          # [S, max_q]
-    mask = torch.arange(L, device=dev)[None, None, :] <= pos[:, :, None]          # [S, max_q, L]
-    mask[:, :, 0] = True  # padded rows must not be fully masked (NaN); they are dropped below
+    keys = torch.arange(L, device=dev)[None, None, :]
+    mask = keys <= pos[:, :, None]                                                # [S, max_q, L]
+    if window is not None:
+        mask &= keys > pos[:, :, None] - window
+    # padded rows must not be fully masked (NaN); they are dropped below
+    padded = torch.arange(max_q, device=dev)[None, :] >= n_new[:, None]
+    mask[:, :, 0] |= padded
     # GQA without copying K/V: fold the group into the query rows of each KV head.
     q = q.view(num_seqs, max_q, num_kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
     q = q.reshape(num_seqs, num_kv_heads, group * max_q, head_size)

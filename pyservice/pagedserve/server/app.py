@@ -1,7 +1,9 @@
 """Build and run the grpc.aio server: TextGeneration, health, reflection, TLS, drain.
 
 The port opens before the model loads so probes can watch health go from NOT_SERVING
-to SERVING once the engine is loaded and warmed up.
+to SERVING once the engine is loaded and warmed up. Health also reports NOT_SERVING
+while an engine step is stuck (StepWatchdog) and once the engine has failed; `serve`
+then exits non-zero after a short grace so the orchestrator restarts the process.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -19,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.async_engine import AsyncEngine, RequestAbortedError
-from pagedserve.server.config import ServerConfig
+from pagedserve.server.config import ConfigError, ServerConfig
 from pagedserve.server.interceptors import BearerTokenAuthInterceptor, ErrorInterceptor
 from pagedserve.server.servicer import TextGenerationServicer
 from pagedserve.server.validation import Limits
+from pagedserve.server.watchdog import StepWatchdog
 from pagedserve.v1 import generate_pb2 as pb
 from pagedserve.v1 import generate_pb2_grpc as pb_grpc
 
@@ -31,6 +36,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# `pagedserve serve`'s exit status once the engine has failed (configuration errors: 2).
+EXIT_ENGINE_FAILED = 1
 
 
 def _read(path: str | None) -> bytes | None:
@@ -38,6 +45,30 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read()
+
+
+def check_listen_address(host: str, port: int, what: str = "gRPC") -> None:
+    """Raise ConfigError unless `host`:`port` can be bound now. gRPC's own bind failure
+    is a bare RuntimeError after C-core log lines; this says what is wrong first. A port
+    taken between this check and the bind still fails, as a ConfigError from start()."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from None
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                sock.bind(address)
+                return  # gRPC serves if any address of the name binds
+            except OSError as e:
+                error = error or e
+    reason = error.strerror if error is not None else "no address"
+    raise ConfigError(f"cannot listen on {host}:{port} for {what}: {reason}")
 
 
 def model_info(engine: Any, stats: dict) -> pb.ModelInfo:
@@ -65,6 +96,8 @@ class Server:
         self.engine: AsyncEngine | None = None
         self.port: int | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.watchdog: StepWatchdog | None = None
+        self.engine_failed = asyncio.Event()  # set when the attached engine fails
 
     def _build(self) -> grpc.aio.Server:
         # grpc.aio binds to the running loop, so this happens in start().
@@ -72,9 +105,11 @@ class Server:
         # Tracing first: its span covers authentication and the error mapping.
         interceptors: list[grpc.aio.ServerInterceptor] = \
             list(self.observability.interceptors()) if self.observability is not None else []
-        if config.auth_token:
-            interceptors.append(BearerTokenAuthInterceptor(config.auth_token))
-        interceptors.append(ErrorInterceptor())
+        tokens = config.tenants_by_token
+        if tokens:
+            interceptors.append(BearerTokenAuthInterceptor(tokens))
+        interceptors.append(ErrorInterceptor(
+            self.observability.count_unparseable if self.observability is not None else None))
         server = grpc.aio.server(interceptors=interceptors, options=[
             # Up to twice the limit is read and answered INVALID_ARGUMENT naming the field
             # (validation.py); beyond that gRPC refuses it before it is parsed.
@@ -98,9 +133,14 @@ class Server:
                 [(_read(self.config.tls_key_file), _read(self.config.tls_cert_file))],
                 root_certificates=_read(self.config.tls_client_ca_file),
                 require_client_auth=self.config.tls_client_ca_file is not None)
-            self.port = self.grpc_server.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc_server.add_insecure_port(address)
+        try:
+            if self.config.tls:
+                self.port = self.grpc_server.add_secure_port(address, credentials)
+            else:
+                self.port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": taken, or not an address here
+            raise ConfigError(f"cannot listen on {address}: address in use or not "
+                              f"available") from None
         await self.grpc_server.start()
         logger.info("gRPC listening on %s:%d (%s)", self.config.host, self.port,
                     "mTLS" if self.config.tls_client_ca_file else
@@ -118,38 +158,59 @@ class Server:
         if self.observability is not None:
             self.observability.attach_engine(lambda: engine.engine_stats)
         loop = asyncio.get_running_loop()
-        engine.on_failure(lambda exc: loop.create_task(self._set_health(NOT_SERVING)))
+        engine.on_failure(lambda exc: loop.create_task(self._on_engine_failure()))
+        self.watchdog = StepWatchdog(engine, self.config.step_timeout, self._set_healthy)
+        self.watchdog.start()
         if engine.is_healthy:
             await self._set_health(SERVING)
+
+    async def _on_engine_failure(self) -> None:
+        self.engine_failed.set()
+        await self._set_health(NOT_SERVING)
+
+    async def _set_healthy(self, healthy: bool) -> None:
+        await self._set_health(SERVING if healthy else NOT_SERVING)
 
     async def _set_health(self, status: int) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def drain(self, grace: float | None = None) -> None:
+    async def drain(self, grace: float | None = None,
+                    cut_short: asyncio.Event | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish
-        within `grace` seconds, abort the rest with UNAVAILABLE, stop."""
+        within `grace` seconds (or until `cut_short` is set), abort the rest with
+        UNAVAILABLE, stop."""
         grace = self.config.shutdown_grace_period if grace is None else grace
+        cut_short = cut_short or asyncio.Event()
         await self.health.enter_graceful_shutdown()
+        await self._stop_watchdog()
         if self.engine is not None:
             self.engine.begin_drain()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
-            while self.engine.num_in_flight and loop.time() < deadline:
+            while self.engine.num_in_flight and loop.time() < deadline \
+                    and not cut_short.is_set():
                 await asyncio.sleep(0.05)
             if self.engine.num_in_flight:
-                logger.warning("aborting %d requests left after the %gs grace period",
-                               self.engine.num_in_flight, grace)
+                why = "a second shutdown signal" if cut_short.is_set() \
+                    else f"the {grace:g}s grace period"
+                logger.warning("aborting %d requests left after %s",
+                               self.engine.num_in_flight, why)
                 self.engine.abort_all(RequestAbortedError(
-                    f"server shut down: request aborted after the {grace:g}s grace period"))
+                    f"server shut down: request aborted after {why}"))
         # A short grace lets handlers send the final message or status they now hold.
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace=2.0)
+            await self.grpc_server.stop(grace=0.5 if cut_short.is_set() else 2.0)
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        await self._stop_watchdog()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=None)
+
+    async def _stop_watchdog(self) -> None:
+        if self.watchdog is not None:
+            await self.watchdog.stop()
 
 
 async def start_engine(llm_engine: Any, max_queue_size: int) -> AsyncEngine:
@@ -164,28 +225,57 @@ async def start_engine(llm_engine: Any, max_queue_size: int) -> AsyncEngine:
     return engine
 
 
-async def serve(config: ServerConfig, make_engine: Callable[[], Any]) -> None:
-    """Run until SIGTERM/SIGINT, then drain. `make_engine` loads the LLMEngine (slow; runs
-    on a worker thread while the port already answers health checks)."""
+async def serve(config: ServerConfig, make_engine: Callable[[], Any]) -> int:
+    """Run until SIGTERM/SIGINT, then drain; a second signal ends the drain at once.
+    `make_engine` loads the LLMEngine (slow; runs on a worker thread while the port
+    already answers health checks).
+
+    Returns the process exit status: 0 after a shutdown signal, EXIT_ENGINE_FAILED once
+    the engine failed (after `engine_failure_exit_delay` seconds of NOT_SERVING). A
+    configuration problem (address in use, bad certificate) raises ConfigError before
+    any request is served.
+    """
     from pagedserve.observability.observer import Observability
 
-    observability = Observability.from_settings(
-        disable_tracing=config.disable_tracing, metrics_port=config.metrics_port or None,
-        metrics_host=config.host)
+    check_listen_address(config.host, config.port)
+    metrics_host = config.metrics_bind_host
+    try:
+        observability = Observability.from_settings(
+            disable_tracing=config.disable_tracing, metrics_port=config.metrics_port or None,
+            metrics_host=metrics_host, metrics_tenant_label=config.metrics_tenant_label)
+    except OSError as e:
+        raise ConfigError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: "
+                          f"{e.strerror or e}") from None
     server = Server(config, observability)
     try:
-        await _serve(server, config, make_engine)
+        return await _serve(server, config, make_engine)
     finally:
         observability.shutdown()
 
 
-async def _serve(server: Server, config: ServerConfig, make_engine: Callable[[], Any]) -> None:
+async def _serve(server: Server, config: ServerConfig, make_engine: Callable[[], Any]) -> int:
     await server.start()
-    stop = asyncio.Event()
+    stop, cut_short = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second shutdown signal: ending the drain now")
+            cut_short.set()
+        stop.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await _run(server, config, make_engine, stop, cut_short)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _run(server: Server, config: ServerConfig, make_engine: Callable[[], Any],
+               stop: asyncio.Event, cut_short: asyncio.Event) -> int:
     async def load() -> AsyncEngine:
         llm_engine = await asyncio.to_thread(make_engine)
         engine = await start_engine(llm_engine, config.max_queue_size)
@@ -195,16 +285,42 @@ async def _serve(server: Server, config: ServerConfig, make_engine: Callable[[],
 
     loading = asyncio.ensure_future(load())
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if loading.done() and loading.exception() is not None:
-        stopping.cancel()
-        await server.stop()
-        raise loading.exception()
-    await stopping
+    failing = asyncio.ensure_future(server.engine_failed.wait())
+    try:
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and loading.exception() is not None:
+            await server.stop()
+            raise loading.exception()
+        await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (stopping, failing):
+            task.cancel()
+    if server.engine_failed.is_set() and not stop.is_set():
+        return await _exit_after_engine_failure(server, config, stop)
     logger.info("shutdown signal: draining (grace %gs)", config.shutdown_grace_period)
     if not loading.done():
         loading.cancel()  # the loader thread cannot be interrupted; the process exits anyway
-    await server.drain()
+    await server.drain(cut_short=cut_short)
     if server.engine is not None:
         await server.engine.stop()
     logger.info("server stopped")
+    return EXIT_ENGINE_FAILED if server.engine_failed.is_set() else 0
+
+
+async def _exit_after_engine_failure(server: Server, config: ServerConfig,
+                                     stop: asyncio.Event) -> int:
+    """Stay up NOT_SERVING for the grace (in-flight callers get INTERNAL, probes and
+    balancers see the failure), then stop: a shutdown signal cuts the wait short."""
+    delay = config.engine_failure_exit_delay
+    logger.error("engine failed; NOT_SERVING, exiting in %gs so the process is restarted",
+                 delay)
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except asyncio.TimeoutError:
+        pass
+    await server.stop()
+    if server.engine is not None:
+        await server.engine.stop()
+    logger.info("server stopped %.1fs after the engine failure", time.monotonic() - started)
+    return EXIT_ENGINE_FAILED

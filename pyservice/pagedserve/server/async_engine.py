@@ -131,12 +131,17 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Abort whatever is left and join the engine thread."""
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Abort whatever is left and join the engine thread, waiting at most `timeout`
+        seconds: a thread wedged in a step (a hung device call) is left behind, as a
+        daemon, so shutdown still ends."""
         self.abort_all(RequestAbortedError("server stopped"))
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(("stop",))
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, timeout)
+            if self._thread.is_alive():
+                logger.error("engine thread still in a step after %gs; leaving it behind",
+                             timeout)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         shutdown = getattr(self.engine, "shutdown", None)  # e.g. join tensor-parallel workers
         if shutdown is not None:

@@ -1,7 +1,11 @@
 """`pagedserve serve` and `pagedserve client generate`, hooked into pagedserve.cli.
 
-Every flag also reads PAGEDSERVE_<FLAG_IN_UPPER_SNAKE_CASE>; the bearer token can come
-from PAGEDSERVE_AUTH_TOKEN directly or from a file (a mounted Kubernetes secret).
+Every flag also reads PAGEDSERVE_<FLAG_IN_UPPER_SNAKE_CASE>. Bearer tokens come from a
+file of `tenant:token` lines (a mounted Kubernetes secret; a bare token is the tenant
+"default") or, one bare token, from PAGEDSERVE_AUTH_TOKEN.
+
+Exit status of `serve`: 0 after SIGTERM/SIGINT, 1 when the engine failed (so the
+orchestrator restarts it), 2 for a configuration problem (one line on stderr).
 """
 
 from __future__ import annotations
@@ -51,12 +55,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--host", "0.0.0.0", help="address to listen on")
     _flag(g, "--port", 50051, int, help="gRPC port")
     _flag(g, "--metrics-port", 9464, int, help="Prometheus metrics port (0: off)")
+    _flag(g, "--metrics-host", None, help="address the metrics endpoint listens on "
+          "(default: --host)")
+    _flag(g, "--metrics-tenant-label", False, bool,
+          help="label per-request metrics with the caller's tenant")
     _flag(g, "--tls-cert-file", None, help="server certificate (PEM): enables TLS")
     _flag(g, "--tls-key-file", None, help="server private key (PEM)")
     _flag(g, "--tls-client-ca-file", None,
           help="CA bundle (PEM) for client certificates: enables mutual TLS")
     _flag(g, "--auth-token-file", None,
-          help="file holding the bearer token clients must send (or PAGEDSERVE_AUTH_TOKEN)")
+          help="file of 'tenant:token' lines (a bare token: tenant 'default'); clients "
+               "send 'authorization: Bearer <token>' (or one token in PAGEDSERVE_AUTH_TOKEN)")
     _flag(g, "--max-queue-size", 1024, int,
           help="requests waiting for the engine before RESOURCE_EXHAUSTED")
     _flag(g, "--max-n", 16, int, help="cap on n and beam_width per request")
@@ -64,35 +73,43 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--max-message-bytes", 4 * 1024 * 1024, int,
           help="largest request message accepted (bytes)")
     _flag(g, "--shutdown-grace-period", 30.0, float,
-          help="seconds in-flight requests get to finish after SIGTERM")
+          help="seconds in-flight requests get to finish after SIGTERM (a second "
+               "signal ends the drain at once)")
+    _flag(g, "--step-timeout", 120.0, float,
+          help="seconds one engine step may run before health turns NOT_SERVING")
+    _flag(g, "--engine-failure-exit-delay", 5.0, float,
+          help="seconds the server stays up NOT_SERVING after the engine failed, "
+               "before it exits with status 1")
     _flag(g, "--disable-tracing", False, bool, help="turn OpenTelemetry tracing off")
     _flag(g, "--log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def server_config_from_args(args: argparse.Namespace):
-    from pagedserve.server.config import ServerConfig, read_token_file
+    from pagedserve.server.config import ServerConfig, read_tenant_tokens
 
-    token = os.environ.get("PAGEDSERVE_AUTH_TOKEN") or None
-    if args.auth_token_file:
-        token = read_token_file(args.auth_token_file)
+    token, tokens = os.environ.get("PAGEDSERVE_AUTH_TOKEN") or None, {}
+    if args.auth_token_file:  # the file wins over the variable
+        token, tokens = None, read_tenant_tokens(args.auth_token_file)
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, metrics_tenant_label=args.metrics_tenant_label,
         tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
-        tls_client_ca_file=args.tls_client_ca_file, auth_token=token,
+        tls_client_ca_file=args.tls_client_ca_file, auth_token=token, auth_tokens=tokens,
         max_queue_size=args.max_queue_size, max_n=args.max_n,
         max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
         shutdown_grace_period=args.shutdown_grace_period,
-        disable_tracing=args.disable_tracing)
+        engine_failure_exit_delay=args.engine_failure_exit_delay,
+        step_timeout=args.step_timeout, disable_tracing=args.disable_tracing)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT."""
+    """Serve until SIGTERM/SIGINT (0) or an engine failure (1)."""
     from pagedserve.cli import engine_config_from_args
     from pagedserve.server.app import serve
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Bad settings raise ValueError; pagedserve.cli prints it without a traceback.
+    # Bad settings raise ValueError (ConfigError); pagedserve.cli prints it in one line.
     config = server_config_from_args(args)
     engine_config = engine_config_from_args(args)
     if engine_config.tensor_parallel_size > 1:
@@ -106,8 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         return LLMEngine(engine_config)
 
-    asyncio.run(serve(config, make_engine))
-    return 0
+    return asyncio.run(serve(config, make_engine))
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +143,16 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(gen, "--seed", dest="sampling_seed", type=int, default=None,
              help="sampling seed")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE",
+                            help="the output is JSON conforming to the JSON Schema in FILE")
+    constraint.add_argument("--json-object", action="store_true", default=None,
+                            help="the output is a JSON object")
+    constraint.add_argument("--regex", help="the output matches this regular expression")
+    constraint.add_argument("--grammar", metavar="FILE",
+                            help="the output is a sentence of the EBNF (GBNF) grammar in FILE")
+    constraint.add_argument("--choice", action="append",
+                            help="the output is one of the --choice strings (repeatable)")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as one user message through the chat template")
     _flag(gen, "--timeout", None, float, help="deadline in seconds")
@@ -135,6 +161,22 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(gen, "--tls-ca-file", None, help="CA certificate (PEM) that signed the server's")
     _flag(gen, "--client-cert-file", None, help="client certificate (PEM) for mutual TLS")
     _flag(gen, "--client-key-file", None, help="client private key (PEM) for mutual TLS")
+
+
+def _constraint(args: argparse.Namespace) -> dict:
+    from pagedserve.cli import read_constraint_file
+
+    if args.json_schema is not None:
+        return {"json_schema": read_constraint_file("--json-schema", args.json_schema)}
+    if args.grammar is not None:
+        return {"grammar": read_constraint_file("--grammar", args.grammar)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    return {}
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -152,6 +194,11 @@ def run_client(args: argparse.Namespace) -> int:
             sampling[name] = getattr(args, name)
     if args.sampling_seed is not None:
         sampling["seed"] = args.sampling_seed
+    try:
+        sampling.update(_constraint(args))
+    except ValueError as exc:
+        print(f"pagedserve client: {exc}", file=sys.stderr)
+        return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     client = Client(args.target, token=token, tls=args.tls, root_certificates=args.tls_ca_file,
                     client_cert=args.client_cert_file, client_key=args.client_key_file,

@@ -41,6 +41,11 @@ def to_sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
         kwargs[name] = float(shortest_float32(kwargs[name]))
     kwargs["stop"] = list(sampling.stop)
     kwargs["stop_token_ids"] = list(sampling.stop_token_ids)
+    constraint = sampling.WhichOneof("constraint")
+    if constraint == "choice":
+        kwargs["choice"] = list(sampling.choice.choices)
+    elif constraint is not None:
+        kwargs[constraint] = getattr(sampling, constraint)
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:  # its messages start with the field name

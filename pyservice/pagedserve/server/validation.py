@@ -78,11 +78,21 @@ def _check_size(request: pb.GenerateRequest, limits: Limits) -> None:
         "messages": request.messages.ByteSize(),
         "sampling.stop": sum(len(s.encode()) for s in request.sampling.stop),
         "sampling.stop_token_ids": 5 * len(request.sampling.stop_token_ids),
+        "sampling.constraint": _constraint_bytes(request.sampling),
     }
     field = max(fields, key=fields.__getitem__)
     raise InvalidArgument(
         f"{field} makes the request {size} bytes, above the server's "
         f"max_receive_message_length of {limits.max_request_bytes} bytes")
+
+
+def _constraint_bytes(sampling: pb.SamplingParams) -> int:
+    kind = sampling.WhichOneof("constraint")
+    if kind is None or kind == "json_object":
+        return 0
+    if kind == "choice":
+        return sampling.choice.ByteSize()
+    return len(getattr(sampling, kind).encode())
 
 
 def _check_token_ids(ids: list[int], limits: Limits) -> None:
@@ -155,6 +165,9 @@ def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
         raise InvalidArgument(
             f"sampling.stop_token_ids has {len(sampling.stop_token_ids)} ids, more than the "
             f"server's cap of {limits.max_stop_token_ids}")
+    if sampling.WhichOneof("constraint") == "json_object" and not sampling.json_object:
+        raise InvalidArgument("sampling.json_object must be true when set (false asks for "
+                              "no constraint: leave it unset)")
     for i, token in enumerate(sampling.stop_token_ids):
         if token >= limits.vocab_size:
             raise InvalidArgument(

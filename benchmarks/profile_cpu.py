@@ -1,0 +1,77 @@
+"""Where a CPU step's time goes, per torch op: torch.profiler over the two kinds of step
+of the CPU throughput workload (benchmarks/cpu_vs_vllm.py), on the model runner.
+
+  prefill  one step of 2048 prompt tokens (8 prompts of 256, nothing cached)
+  decode   one decode step of 48 sequences at contexts of 64..300 tokens
+
+    python benchmarks/profile_cpu.py --model DIR --dtype bfloat16 [--rows 12]
+
+Prints a markdown table per step kind: op, self CPU ms per step, share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+from pagedserve import LLM, SamplingParams  # first: it sets torch's OpenMP wait policy
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from pagedserve.engine.batch import ScheduledBatch, SeqWork  # noqa: E402
+
+
+def _batches(runner) -> dict[str, ScheduledBatch]:
+    bs = runner.block_size
+    params = SamplingParams(temperature=0.0)
+    rng = random.Random(0)
+    work, first = [], 0
+    for i in range(8):
+        nb = -(-256 // bs)
+        work.append(SeqWork(i, [rng.randrange(1000, 40000) for _ in range(256)], 0,
+                            list(range(first, first + nb)), True, params, [], [], 0))
+        first += nb
+    prefill = ScheduledBatch(work)
+    work, first = [], 0
+    for i in range(48):
+        ctx = rng.randint(64, 300)
+        nb = -(-ctx // bs)
+        work.append(SeqWork(i, [1000], ctx - 1, list(range(first, first + nb)), True, params,
+                            [1000] * (ctx - 1), [], 0))
+        first += nb
+    return {"prefill": prefill, "decode": ScheduledBatch(work)}
+
+
+def profile_step(runner, batch: ScheduledBatch, steps: int, rows: int) -> str:
+    for _ in range(2):
+        runner.execute(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            runner.execute(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| op | self ms / step | share |", "|---|---|---|"]
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / steps:.2f} | "
+                     f"{100 * e.self_cpu_time_total / total:.1f}% |")
+    lines.append(f"| total | {total / 1e3 / steps:.2f} | 100% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded one)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=12)
+    args = ap.parse_args()
+    llm = LLM(args.model, device="cpu", dtype=args.dtype, num_kv_blocks=2048, swap_space_gb=0.1)
+    runner = llm.engine.runner
+    for kind, batch in _batches(runner).items():
+        print(f"\n### {args.dtype} {kind} ({torch.get_num_threads()} threads)\n")
+        print(profile_step(runner, batch, args.steps, args.rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""XGrammar, the grammar engine behind the constraints.
+
+Chosen over llguidance on our sampler's per-step cost (docs/structured_output.md): its
+per-token mask comes from a cache built at compile time, so filling a row's mask is
+5-30x cheaper than llguidance's on-the-fly computation; the price is a compile of
+milliseconds to seconds per schema, which runs off the step loop and is cached
+(compiler.py). Imported on the first constraint: unconstrained serving never loads it.
+
+Grammar syntax (`grammar=`): XGrammar's EBNF, the GBNF dialect of llama.cpp
+(`root ::= "a" rule*`, character classes, `?`, `*`, `+`, `{m,n}`); the start rule is
+`root`. JSON output is compact (", " and ": " separators, no other whitespace), so a
+model cannot spend its tokens on whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+from pagedserve.structured.spec import ConstraintSpec
+
+# XGrammar prefixes its messages with "[time] /path/file.cc:line: ".
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+_MAX_REASON = 400
+
+
+class XGrammarBackend:
+    """Compiles constraints and makes per-sequence matchers for one tokenizer."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]):
+        import xgrammar
+
+        self.xgr = xgrammar
+        self.vocab_size = vocab_size
+        self._tokenizer = tokenizer
+        self._eos = sorted(eos_token_ids)
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self) -> Any:
+        with self._lock:  # first use: the vocabulary is read once, by one thread
+            if self._compiler is None:
+                info = self.xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._eos)
+                # Our pool gives the parallelism: one thread per compile.
+                self._compiler = self.xgr.GrammarCompiler(info, max_threads=1,
+                                                          cache_enabled=False)
+            return self._compiler
+
+    def compile(self, spec: ConstraintSpec) -> Any:
+        """The compiled grammar; ValueError `<field>: <reason>` when it does not compile."""
+        compiler = self._get_compiler()
+        try:
+            if spec.kind == "json_schema":
+                _check_schema(spec.text)
+                return compiler.compile_json_schema(spec.text, any_whitespace=False)
+            if spec.kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if spec.kind == "regex":
+                return compiler.compile_regex(spec.text)
+            if spec.kind == "grammar":
+                return compiler.compile_grammar(spec.text)
+            if spec.kind == "choice":
+                return compiler.compile_grammar(choice_grammar(spec.choices))
+        except ValueError as exc:
+            if str(exc).startswith(spec.kind):
+                raise
+            raise ValueError(f"{spec.kind}: {_reason(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - the library's errors are the request's
+            raise ValueError(f"{spec.kind} does not compile: {_reason(exc)}") from None
+        raise ValueError(f"unknown constraint kind {spec.kind!r}")
+
+    def matcher(self, compiled: Any) -> Any:
+        return self.xgr.GrammarMatcher(compiled)
+
+    def allocate_bitmask(self, rows: int) -> Any:
+        return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+    def apply_bitmask(self, logits: Any, bitmask: Any, rows: list[int]) -> None:
+        """-inf on the logits of every token a row's mask disallows, for those rows only."""
+        if bitmask.device != logits.device:
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
+                                             indices=rows)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF for exactly one of `choices` (JSON string escapes are EBNF's too)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _check_schema(text: str) -> None:
+    """A schema that is not a valid JSON Schema (by its meta-schema) fails here with
+    jsonschema's reason, rather than being read loosely by the converter."""
+    import jsonschema
+
+    schema = json.loads(text)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise ValueError(f"json_schema is not a valid JSON Schema at {where}: "
+                         f"{exc.message[:_MAX_REASON]}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = _CPP_PREFIX.sub("", str(exc).strip()).strip()
+    return (text or type(exc).__name__)[:_MAX_REASON]
