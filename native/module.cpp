@@ -67,6 +67,13 @@ PYBIND11_MODULE(_native, m) {
              return bm.append_slots(seqs, to_token_ids(ids));
            },
            py::arg("seq_ids"), py::arg("token_ids"))
+      .def("reserve_slots",
+           [](BlockManager& bm, const std::vector<SeqId>& seqs, const std::vector<int64_t>& ids,
+              const std::vector<int64_t>& group_sizes) {
+             auto r = bm.reserve_slots(seqs, to_token_ids(ids), group_sizes);
+             return py::make_tuple(r.num_groups, r.copies);
+           },
+           py::arg("seq_ids"), py::arg("token_ids"), py::arg("group_sizes"))
       .def("set_last_tokens",
            [](BlockManager& bm, const std::vector<SeqId>& seqs, const std::vector<int64_t>& ids) {
              bm.set_last_tokens(seqs, to_token_ids(ids));
@@ -80,6 +87,7 @@ PYBIND11_MODULE(_native, m) {
       .def("can_swap_in", &BlockManager::can_swap_in, py::arg("seq_ids"))
       .def("swap_in", &BlockManager::swap_in, py::arg("seq_ids"))
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
+      .def("block_tables", &BlockManager::block_tables, py::arg("seq_ids"))
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
       .def("device_of",
            [](const BlockManager& bm, SeqId seq) {

@@ -18,8 +18,8 @@ class SeqWork:
     seq_id: int
     token_ids: list[int]  # tokens to feed this step: a prompt chunk, or [last sampled token]
     start_pos: int  # position of token_ids[0] in the sequence
-    # The whole table (GPU block ids); covers start_pos + len(token_ids). Read-only: the
-    # scheduler hands the same list object out step after step until the table changes.
+    # The whole table (GPU block ids); covers start_pos + len(token_ids). Read from the
+    # block manager once the step is complete (fill_block_tables): it owns the tables.
     block_table: list[int]
     sample: bool  # False for a prefill chunk that does not reach the prompt's end
     params: SamplingParams
@@ -56,3 +56,12 @@ class SampleResult:
     # Beam search (params.beam_width > 1): the best next tokens and their log-probs
     # after the penalties, best first; token_id/logprob are the first of them.
     beam_candidates: list[tuple[int, float]] | None = None
+
+
+def fill_block_tables(block_manager, batch: ScheduledBatch) -> None:
+    """Reads every table of the step from the block manager in one call, after every
+    slot of the step is reserved (a decode's new block, a copy-on-write, a swap-in)."""
+    if batch.work:
+        tables = block_manager.block_tables([w.seq_id for w in batch.work])
+        for work, table in zip(batch.work, tables):
+            work.block_table = table

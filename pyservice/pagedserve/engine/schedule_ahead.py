@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine.batch import ScheduledBatch, SeqWork
+from pagedserve.engine.batch import ScheduledBatch, SeqWork, fill_block_tables
 
 if TYPE_CHECKING:
     from pagedserve.engine.scheduler import Scheduler
@@ -43,7 +43,6 @@ def schedule_ahead(sched: Scheduler, prev: ScheduledBatch) -> ScheduledBatch | N
         return None
     sampled_at = {w.seq_id: i for i, w in enumerate(prev.work) if w.sample}
     entries = []
-    new_blocks = 0
     for group in sched.running:
         # n > 1: one sequence until its first token, then forked (sharing its blocks).
         if group.params.n != 1 or group.beam is not None or _reads_outputs(group.params):
@@ -55,29 +54,27 @@ def schedule_ahead(sched: Scheduler, prev: ScheduledBatch) -> ScheduledBatch | N
         num_out = len(seq.output_token_ids) + 1  # with the token being sampled
         if num_out >= seq.params.max_tokens or len(seq.token_ids) + 1 >= sched.max_model_len:
             continue  # prev ends it by length
-        if seq.num_slots % sched.block_size == 0:
-            new_blocks += 1
         entries.append((seq, group, index))
-    if not entries or new_blocks > sched.bm.num_free_gpu_blocks:
+    if not entries:
+        return None
+    # All the slots or none: short of blocks, schedule() preempts after `prev`.
+    ids = [seq.seq_id for seq, _, _ in entries]
+    done, copies = sched.bm.reserve_slots(ids, [0] * len(ids), [len(ids)])
+    if not done:
         return None
     sched.step_start = time.monotonic()
     batch = ScheduledBatch(work=[], scheduled_at=sched.step_start)
-    ids = [seq.seq_id for seq, _, _ in entries]
-    batch.copies.extend(tuple(c) for c in sched.bm.append_slots(ids, [0] * len(ids)))
+    batch.copies.extend(tuple(c) for c in copies)
     for seq, group, index in entries:
         pos = seq.num_slots
-        if pos % sched.block_size == 0 or batch.copies:
-            seq.cached_block_table = None  # it gained a block
         seq.num_slots += 1
         seq.placeholder_slot = True
-        table = seq.cached_block_table
-        if table is None:
-            table = seq.cached_block_table = sched.bm.block_table(seq.seq_id)
         batch.feed_from_previous.append((len(batch.work), index))
         batch.work.append(SeqWork(
-            seq.seq_id, [0], pos, table, True, seq.params, seq.prompt_token_ids,
+            seq.seq_id, [0], pos, [], True, seq.params, seq.prompt_token_ids,
             seq.output_token_ids, len(seq.output_token_ids) + 1,
             _NO_EOS if seq.params.ignore_eos else sched.eos_token_ids))
+    fill_block_tables(sched.bm, batch)
     sched.num_steps += 1
     sched.num_steps_ahead += 1
     sched.decode_batch_sizes[len(entries)] += 1

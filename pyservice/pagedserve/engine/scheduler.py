@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.engine import beam_search
-from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
-from pagedserve.engine.decode_run import DecodeRun
+from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork, fill_block_tables
 from pagedserve.engine.schedule_ahead import schedule_ahead
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
 from pagedserve.observability.timeline import PhaseEvent
@@ -51,6 +50,7 @@ class _Budget:
 
 
 _NO_EOS: frozenset[int] = frozenset()
+_NO_TABLE: list[int] = []  # until fill_block_tables reads the step's tables
 
 
 class Scheduler:
@@ -191,7 +191,6 @@ class Scheduler:
         if seq.status in (Status.RUNNING, Status.SWAPPED):
             blocks = len(self.bm.block_table(seq.seq_id))
             self.bm.free(seq.seq_id)
-            seq.cached_block_table = None
         seq.status = Status.FINISHED
         return blocks
 
@@ -199,7 +198,6 @@ class Scheduler:
         """A new beam sharing every block of `parent` (ref counts +1, no copy)."""
         child = parent.fork(next(self._seq_ids), index)
         self.bm.fork(parent.seq_id, child.seq_id)
-        parent.cached_block_table = None  # its next append copies its shared last block
         self._seqs[child.seq_id] = (child, group)
         return child
 
@@ -234,6 +232,7 @@ class Scheduler:
         num_decodes = sum(1 for w in batch.work if len(w.token_ids) == 1 and w.sample)
         if num_decodes:
             self.decode_batch_sizes[num_decodes] += 1
+        fill_block_tables(self.bm, batch)
         return batch
 
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
@@ -247,58 +246,96 @@ class Scheduler:
         Returns whether it preempted, and the running requests that may have prompt
         left to feed, in queue order (so the prefill pass need not walk them all).
 
-        A request of one sequence (the common case) only joins `run`, whose slots are
-        reserved in one native call; any other request first flushes `run`, so the
-        block manager sees the appends and preemptions in queue order, exactly as with
-        one append_slot call per sequence."""
-        preempted = False
+        The slots of every decode are reserved in one native call that stops at the
+        first request whose slots do not fit; the last running request is then
+        preempted until that one fits (or is the one preempted), and the call goes on
+        from there. So the block manager sees the appends and preemptions in queue
+        order, exactly as with one append call per request."""
+        units: list[tuple[SequenceGroup, list[Sequence]]] = []  # decodes, queue order
         prompts_left: list[SequenceGroup] = []
-        run = DecodeRun(self, batch)
-        i = 0
-        while i < len(self.running):
-            group = self.running[i]
+        end = len(self.running)  # past the last request the budget reached
+        for i, group in enumerate(self.running):
             if len(group.seqs) == 1:
                 seq = group.seqs[0]
                 uncomputed = seq.num_uncomputed
                 if uncomputed != 1 or seq.is_finished:
                     if uncomputed > 1:
                         prompts_left.append(group)
-                    i += 1
                     continue
-                if budget.tokens < 1 or budget.seqs < 1:
-                    break
-                if run.add(seq, group):
-                    budget.take(1, 1)
-                    i += 1
-                    continue
-                seqs = [seq]  # no free block left: preempt below
+                seqs = group.seqs
             else:
                 seqs = [s for s in group.live_seqs() if s.num_uncomputed == 1]
                 if not seqs:
                     prompts_left.append(group)
-                    i += 1
                     continue
-                if len(seqs) > min(budget.tokens, budget.seqs):
-                    break
-            run.flush()
-            while not self._can_append(seqs):
+            if len(seqs) > min(budget.tokens, budget.seqs):
+                end = i
+                break
+            budget.take(len(seqs), len(seqs))
+            units.append((group, seqs))
+            if len(group.seqs) != 1:
+                prompts_left.append(group)  # its other sequences may still prefill
+        tail = self.running[end:]
+        preempted = self._reserve_decodes(units, batch, budget)
+        if preempted:  # victims come from the back: drop them from what is left
+            prompts_left = [g for g in prompts_left if g.status is Status.RUNNING]
+            tail = [g for g in tail if g.status is Status.RUNNING]
+        for group, seqs in units:
+            for seq in seqs:
+                num_tokens = len(seq.token_ids)
+                batch.work.append(self._work(seq, group, num_tokens - 1, num_tokens))
+        return preempted, prompts_left + tail
+
+    def _reserve_decodes(self, units: list[tuple[SequenceGroup, list[Sequence]]],
+                         batch: ScheduledBatch, budget: _Budget) -> bool:
+        """Reserves the units' slots, preempting from the back of `running` until each
+        fits; drops preempted units from `units` (refunding their budget). Returns
+        whether it preempted."""
+        preempted = False
+        start = 0
+        while start < len(units):
+            done, copies = self._append_units(units[start:])
+            batch.copies.extend(copies)
+            start += done
+            while start < len(units):  # units[start] does not fit: free blocks for it
                 victim = self.running[-1]
                 self._stop_running(victim)
                 self._preempt(victim, batch)
                 preempted = True
-                if victim is group:
+                if units[-1][0] is victim:
+                    n = len(units.pop()[1])
+                    budget.take(-n, -n)
+                    if len(units) == start:
+                        break  # it was the one that did not fit
+                done, copies = self._append_units(units[start:start + 1])
+                if done:
+                    batch.copies.extend(copies)
+                    start += 1
                     break
-            else:
-                for seq in seqs:
-                    self._schedule_seq(seq, group, 1, batch)
-                budget.take(len(seqs), len(seqs))
-                prompts_left.append(group)  # its other sequences may still prefill
-                i += 1
-        run.flush()
-        # Preemption only ever takes requests from the back, past `i`: the ones
-        # visited are all still running, the rest were not looked at.
-        prompts_left.extend(self.running[i:])
-        return preempted, prompts_left
+        return preempted
+
+    def _append_units(self, units: list[tuple[SequenceGroup, list[Sequence]]]
+                      ) -> tuple[int, list[tuple[int, int]]]:
+        """One native call: the slots of each unit's sequences whose last token has none,
+        all or nothing per unit, in order until one does not fit."""
+        ids: list[int] = []
+        tokens: list[int] = []
+        sizes: list[int] = []
+        for _, seqs in units:
+            n = 0
+            for seq in seqs:
+                if seq.num_slots < len(seq.token_ids):
+                    ids.append(seq.seq_id)
+                    tokens.append(seq.token_ids[seq.num_slots])
+                    n += 1
+            sizes.append(n)
+        if not ids:
+            return len(units), []
+        done, copies = self.bm.reserve_slots(ids, tokens, sizes)
+        for _, seqs in units[:done]:
+            for seq in seqs:
+                seq.num_slots = len(seq.token_ids)
+        return done, [tuple(c) for c in copies]
 
     def _schedule_prefills(self, group: SequenceGroup, batch: ScheduledBatch,
                            budget: _Budget, admitted: bool = False) -> None:
@@ -327,14 +364,15 @@ class Scheduler:
             self._step_swaps.append((group, "swapped_in", len(mapping)))
             for seq in seqs:
                 seq.status = Status.RUNNING
-                seq.cached_block_table = None
             self._start_running(group)
             decodes = [s for s in seqs if s.num_uncomputed == 1]
-            if decodes and len(decodes) <= min(budget.tokens, budget.seqs) \
-                    and self._can_append(decodes):
-                for seq in decodes:
-                    self._schedule_seq(seq, group, 1, batch)
-                budget.take(len(decodes), len(decodes))
+            if decodes and len(decodes) <= min(budget.tokens, budget.seqs):
+                done, copies = self._append_units([(group, decodes)])
+                if done:
+                    batch.copies.extend(copies)
+                    for seq in decodes:
+                        self._schedule_seq(seq, group, 1, batch)
+                    budget.take(len(decodes), len(decodes))
             self._schedule_prefills(group, batch, budget)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: _Budget) -> None:
@@ -381,7 +419,6 @@ class Scheduler:
     def _allocate(self, seq: Sequence, group: SequenceGroup) -> None:
         cached = self.bm.allocate(seq.seq_id, seq.token_ids, group.cache_salt)
         seq.num_slots = seq.num_tokens
-        seq.cached_block_table = None
         seq.status = Status.RUNNING
         # The manager serves only computed blocks and always leaves the last token to
         # feed: its logits give the next token.
@@ -394,50 +431,24 @@ class Scheduler:
         if group.metrics.first_scheduled_time is None:
             group.metrics.num_cached_tokens = seq.num_computed_tokens
 
-    def _can_append(self, seqs: list[Sequence]) -> bool:
-        need = [s for s in seqs if s.num_slots < s.num_tokens]
-        if len(need) <= 1:
-            return not need or self.bm.can_append(need[0].seq_id)
-        # Samples of one request: count exactly the blocks their slots take. A full last
-        # block means a new block; a shared partial one a copy, except that the last
-        # of all its holders writes in place.
-        blocks = 0
-        sharers: dict[int, int] = {}
-        for seq in need:
-            if seq.num_slots % self.block_size == 0:
-                blocks += 1
-            else:
-                last = self.bm.block_table(seq.seq_id)[-1]
-                if self.bm.ref_count(last) > 1:
-                    sharers[last] = sharers.get(last, 0) + 1
-        for block, k in sharers.items():
-            blocks += k - 1 if k == self.bm.ref_count(block) else k
-        return self.bm.num_free_gpu_blocks >= blocks
-
     def _schedule_seq(self, seq: Sequence, group: SequenceGroup, num_tokens: int,
                       batch: ScheduledBatch) -> None:
+        """Feeds the next `num_tokens` of `seq`, whose slots are reserved (at admission,
+        or by _append_units for a decode)."""
         start = seq.num_computed_tokens
         end = start + num_tokens
-        while seq.num_slots < end:  # a decode: the last sampled token needs its slot
-            cow = self.bm.append_slot(seq.seq_id, seq.token_ids[seq.num_slots])
-            seq.num_slots += 1
-            seq.cached_block_table = None
-            if cow is not None:
-                batch.copies.append(tuple(cow))
+        assert seq.num_slots >= end, f"sequence {seq.seq_id} feeds tokens without slots"
         batch.work.append(self._work(seq, group, start, end))
 
     def _work(self, seq: Sequence, group: SequenceGroup, start: int, end: int) -> SeqWork:
-        """Feeds token_ids[start:end], whose slots are reserved."""
+        """Feeds token_ids[start:end], whose slots are reserved. Its block table is
+        filled in when the step is complete (fill_block_tables)."""
         if group.metrics.first_scheduled_time is None:
             group.metrics.first_scheduled_time = time.monotonic()
-        # A decode gains a block once every block_size steps: read the table only then.
-        table = seq.cached_block_table
-        if table is None:
-            table = seq.cached_block_table = self.bm.block_table(seq.seq_id)
         # Positional: built for every sequence every step, and keyword arguments
         # double the cost of a dataclass's __init__. Fields in SeqWork's order.
         return SeqWork(
-            seq.seq_id, seq.token_ids[start:end], start, table,
+            seq.seq_id, seq.token_ids[start:end], start, _NO_TABLE,
             end == len(seq.token_ids), seq.params, seq.prompt_token_ids,
             seq.output_token_ids, len(seq.output_token_ids),
             _NO_EOS if seq.params.ignore_eos else self.eos_token_ids)
@@ -482,7 +493,6 @@ class Scheduler:
         self.num_blocks_swapped_out += len(mapping)
         for seq in seqs:
             seq.status = Status.SWAPPED
-            seq.cached_block_table = None
         group.status = Status.SWAPPED
         bisect.insort(self.swapped, group, key=lambda g: g.sort_key)
         self.num_preemptions["swap"] += 1
@@ -567,7 +577,6 @@ class Scheduler:
                 params = params.clone(seed=derived_seed(params.seed, index))
             child = Sequence(next(self._seq_ids), index, group.prompt_token_ids, params)
             self.bm.fork(parent.seq_id, child.seq_id)
-            parent.cached_block_table = None  # its next append copies its shared last block
             child.num_slots = prompt_len
             child.num_computed_tokens = prompt_len - 1
             child.status = Status.RUNNING

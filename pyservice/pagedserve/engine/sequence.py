@@ -52,9 +52,6 @@ class Sequence:
         # The last slot was reserved, with a placeholder token, for a token the GPU is
         # still sampling (a step scheduled ahead feeds it); update() names it.
         self.placeholder_slot = False
-        # BlockManager.block_table as last read, so a step need not read it again (a
-        # new list of ints); the scheduler clears it on every call that may change it.
-        self.cached_block_table: list[int] | None = None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.cumulative_logprob = 0.0
@@ -102,7 +99,6 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_slots = 0
         self.placeholder_slot = False
-        self.cached_block_table = None
         self.status = Status.WAITING
         self.beam_candidates = None  # its prefill will offer them again
 
