@@ -33,7 +33,7 @@ from typing import Any
 
 from pagedserve.engine import beam_search
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork, fill_block_tables
-from pagedserve.engine.schedule_ahead import schedule_ahead
+from pagedserve.engine.schedule_ahead import decodes_ahead
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
 from pagedserve.observability.timeline import PhaseEvent
 
@@ -236,9 +236,38 @@ class Scheduler:
         return batch
 
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
-        """The next step's decodes, scheduled while `prev` still runs on the GPU; None
-        when the next step needs `prev`'s results first (engine/schedule_ahead.py)."""
-        return schedule_ahead(self, prev)
+        """The next step's decodes, scheduled while `prev` (already launched) still runs
+        on the GPU, so this host work overlaps it (engine/schedule_ahead.py says which).
+        None when the next step needs `prev`'s results first: requests waiting with room
+        to admit them (admitted here, their prompt step would be launched eagerly, op by
+        op, before `prev`'s tokens are read, which delays every request's tokens by that
+        launch), swapped requests, or too few free blocks for the new slots (a
+        preemption)."""
+        if self.swapped or (self.waiting and self._num_running_seqs() < self.max_num_seqs):
+            return None
+        entries = decodes_ahead(self.running, prev,
+                                max_num_batched_tokens=self.max_num_batched_tokens,
+                                max_model_len=self.max_model_len)
+        if entries is None:
+            return None
+        ids = [seq.seq_id for seq, _, _ in entries]
+        done, copies = self.bm.reserve_slots(ids, [0] * len(ids), [len(ids)])  # placeholders
+        if not done:
+            return None
+        self.step_start = time.monotonic()
+        batch = ScheduledBatch(work=[], scheduled_at=self.step_start,
+                               copies=[tuple(c) for c in copies])
+        for seq, group, index in entries:
+            seq.num_slots += 1
+            seq.placeholder_slot = True
+            batch.feed_from_previous.append((len(batch.work), index))
+            batch.work.append(self._work(seq, group, seq.num_slots - 1, seq.num_slots,
+                                         ahead=True))
+        self.num_steps += 1
+        self.num_steps_ahead += 1
+        self.decode_batch_sizes[len(entries)] += 1
+        fill_block_tables(self.bm, batch)
+        return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch,
                           budget: _Budget) -> tuple[bool, list[SequenceGroup]]:
@@ -440,17 +469,24 @@ class Scheduler:
         assert seq.num_slots >= end, f"sequence {seq.seq_id} feeds tokens without slots"
         batch.work.append(self._work(seq, group, start, end))
 
-    def _work(self, seq: Sequence, group: SequenceGroup, start: int, end: int) -> SeqWork:
-        """Feeds token_ids[start:end], whose slots are reserved. Its block table is
-        filled in when the step is complete (fill_block_tables)."""
+    def _work(self, seq: Sequence, group: SequenceGroup, start: int, end: int,
+              ahead: bool = False) -> SeqWork:
+        """Feeds token_ids[start:end], whose slots are reserved; `ahead`: feeds instead
+        the one token the previous step is still sampling (a placeholder the runner
+        replaces), and samples the one after it. Its block table is filled in when the
+        step is complete (fill_block_tables)."""
         if group.metrics.first_scheduled_time is None:
             group.metrics.first_scheduled_time = time.monotonic()
+        num_out = len(seq.output_token_ids)
+        if ahead:
+            tokens, sample, num_out = [0], True, num_out + 1
+        else:
+            tokens, sample = seq.token_ids[start:end], end == len(seq.token_ids)
         # Positional: built for every sequence every step, and keyword arguments
         # double the cost of a dataclass's __init__. Fields in SeqWork's order.
         return SeqWork(
-            seq.seq_id, seq.token_ids[start:end], start, _NO_TABLE,
-            end == len(seq.token_ids), seq.params, seq.prompt_token_ids,
-            seq.output_token_ids, len(seq.output_token_ids),
+            seq.seq_id, tokens, start, _NO_TABLE, sample, seq.params, seq.prompt_token_ids,
+            seq.output_token_ids, num_out,
             _NO_EOS if seq.params.ignore_eos else self.eos_token_ids)
 
     # ---- preemption ------------------------------------------------------------------
@@ -557,7 +593,7 @@ class Scheduler:
             # After a recompute the beams' prompts may end in different steps.
             if all(s.beam_candidates is not None for s in group.live_seqs()):
                 try:
-                    beam_search.advance(self, group, self.max_model_len)
+                    self._advance_beams(group)
                 except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
                     self.fail_request(group, exc)
                     continue
@@ -565,6 +601,21 @@ class Scheduler:
                     group.metrics.first_token_time = now
                 sampled.append((group.seqs[0], group))
         return sampled
+
+    def _advance_beams(self, group: SequenceGroup) -> None:
+        """Applies one step of the request's beam search: forks first (while every
+        parent still holds exactly the tokens its children share), then frees the
+        beams no candidate chose, then gives the next beams their tokens."""
+        step = beam_search.step(group, self.max_model_len)
+        owners = [self.fork_seq(group, step.beams[c.parent], index) if fork
+                  else step.beams[c.parent]
+                  for index, (c, fork) in enumerate(zip(step.chosen, step.forks))]
+        for beam in step.dropped:
+            if step.done:
+                self.finish_seq(beam, "stop")  # the last one retires the request
+            else:
+                self.release_seq(beam)  # it lost every candidate
+        beam_search.commit(group, step, owners)
 
     def _fork(self, group: SequenceGroup, parent: Sequence) -> None:
         """The other samples of a parallel-sampling request share the parent's prompt

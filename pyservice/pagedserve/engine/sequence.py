@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pagedserve.outputs import RequestMetrics
 from pagedserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedserve.engine.beam_search import BeamState
 
 
 class Status(enum.Enum):
@@ -125,7 +122,9 @@ class SequenceGroup:
         # Sample 0 exists from the start; the other n-1 are forked from it once the
         # prompt is in the cache, so the prompt is prefilled once and its blocks shared.
         self.seqs = [Sequence(first_seq_id, 0, prompt_token_ids, params)]
-        self.beam: BeamState | None = None  # set by the scheduler for beam_width > 1
+        # beam_search.BeamState, set by the scheduler for beam_width > 1 (not imported:
+        # beam_search reads sequences, and engine modules import in one direction).
+        self.beam: Any = None
         self.metrics = RequestMetrics(
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             num_prompt_tokens=len(prompt_token_ids))
