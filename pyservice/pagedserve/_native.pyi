@@ -1,5 +1,7 @@
 """Paged KV-cache block manager (C++; see native/block_manager.h)."""
 
+import numpy
+
 class InvariantViolation(AssertionError): ...
 
 class BlockManager:
@@ -44,7 +46,10 @@ class BlockManager:
         """Brings them back; (cpu_block, gpu_block) copies to perform."""
     def block_table(self, seq_id: int) -> list[int]: ...
     def block_tables(self, seq_ids: list[int]) -> list[list[int]]:
-        """The tables of many sequences in one call (one step's)."""
+        """The tables of many sequences in one call."""
+    def block_tables_array(self, seq_ids: list[int]) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """One step's tables in one call: int32 block ids of every table end to end, and
+        int64 offsets (len(seq_ids) + 1): table i is flat[offsets[i]:offsets[i + 1]]."""
     def num_tokens(self, seq_id: int) -> int: ...
     def device_of(self, seq_id: int) -> str: ...
     def has_seq(self, seq_id: int) -> bool: ...
