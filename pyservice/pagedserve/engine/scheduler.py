@@ -11,10 +11,9 @@ tokens:
  4. new admissions, only when nothing is left swapped.
 Steps 3 and 4 are skipped in a step that preempted: the pool is too full for them.
 
-Queues are ordered by (priority, arrival): lower priority values first, FCFS within a
-priority. Priority orders admissions; it never preempts a running request for a
-waiting one. The victim of a preemption is the last running request: the lowest
-priority, latest arrival.
+Queues (engine/request_book.py) are ordered by (priority, arrival). Priority orders
+admissions; it never preempts a running request for a waiting one. The victim of a
+preemption is the last running request: the lowest priority, latest arrival.
 
 The scheduler sees blocks only through the block manager's answers (DESIGN.md item 2)
 and never touches tensors; its decisions go to the runner as one ScheduledBatch.
@@ -22,22 +21,18 @@ and never touches tensors; its decisions go to the runner as one ScheduledBatch.
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import logging
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from pagedserve.engine import beam_search
-from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork, fill_block_tables
+from pagedserve.engine.batch import ScheduledBatch, SeqWork, fill_block_tables
+from pagedserve.engine.request_book import RequestBook
 from pagedserve.engine.schedule_ahead import decodes_ahead
-from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
+from pagedserve.engine.sequence import Sequence, SequenceGroup, Status
 from pagedserve.observability.timeline import PhaseEvent
 
-log = logging.getLogger(__name__)
 
 @dataclass
 class _Budget:
@@ -53,65 +48,42 @@ _NO_EOS: frozenset[int] = frozenset()
 _NO_TABLE: list[int] = []  # until fill_block_tables reads the step's tables
 
 
-class Scheduler:
+class Scheduler(RequestBook):
     def __init__(self, block_manager: Any, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, preemption_mode: str = "auto",
                  eos_token_ids: frozenset[int] = frozenset()):
-        self.bm = block_manager
+        super().__init__(block_manager, max_model_len=max_model_len,
+                         eos_token_ids=eos_token_ids)
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
-        self.eos_token_ids = frozenset(eos_token_ids)
         # The most one request may use: the pool less the admission watermark.
         self.num_gpu_blocks = block_manager.num_gpu_blocks
         self.usable_gpu_blocks = self.num_gpu_blocks - block_manager.watermark_blocks
-        self.waiting: list[SequenceGroup] = []
-        self.running: list[SequenceGroup] = []
-        # The running requests with n > 1 or beam search, kept by _start_running and
-        # _stop_running, for _num_running_seqs.
-        self._running_multi: set[SequenceGroup] = set()
-        self.swapped: list[SequenceGroup] = []
-        self._groups: dict[str, SequenceGroup] = {}
-        self._seqs: dict[int, tuple[Sequence, SequenceGroup]] = {}
-        self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
-        self.num_preemptions = {"swap": 0, "recompute": 0}
-        self.num_blocks_swapped_out = 0
-        self.num_blocks_swapped_in = 0
-        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_cache_hits = 0  # ... and found there
-        self.num_prompt_tokens = 0  # tokens fed in prefills (recomputes included)
-        self.num_generation_tokens = 0  # tokens sampled
         self.num_steps = 0
         self.num_steps_ahead = 0  # of num_steps, those scheduled by schedule_ahead
         # Steps by number of decode sequences in them: what an ideal schedule is
         # measured against (benchmarks), and what the batch sizes really were.
         self.decode_batch_sizes: Counter[int] = Counter()
-        # For the requests' timelines: when this step began, and the swaps it made
-        # (recorded once update() knows when the step's copies were done).
-        self.step_start = 0.0
-        self._step_swaps: list[tuple[SequenceGroup, str, int]] = []
-        self._failed: list[SequenceGroup] = []
 
-    # ---- requests ------------------------------------------------------------------
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (the block manager counts them)."""
+        return self.bm.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """... and found there."""
+        return self.bm.prefix_cache_hits
+
+    # ---- admission -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: Any, priority: int = 0,
                     arrival_time: float | None = None, cache_salt: int = 0) -> SequenceGroup:
-        if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
         self._check_fits(len(prompt_token_ids), params)
-        group = SequenceGroup(request_id, prompt, list(prompt_token_ids), params,
-                              first_seq_id=next(self._seq_ids),
-                              arrival_index=next(self._arrivals), priority=priority,
-                              arrival_time=arrival_time, cache_salt=cache_salt)
-        if params.beam_width > 1:
-            group.beam = beam_search.BeamState(params, self.eos_token_ids)
-        self._groups[request_id] = group
-        self._seqs[group.seqs[0].seq_id] = (group.seqs[0], group)
-        bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
-        return group
+        return super().add_request(request_id, prompt, prompt_token_ids, params, priority,
+                                   arrival_time, cache_salt)
 
     def _check_fits(self, prompt_len: int, params: Any) -> None:
         """Rejects at admission a request that could not run even alone in the pool;
@@ -137,82 +109,6 @@ class Scheduler:
         shared = prompt_len // self.block_size
         return shared + sum(math.ceil((n - shared * self.block_size) / self.block_size)
                             for n in seq_lens)
-
-    def abort_request(self, request_id: str) -> SequenceGroup | None:
-        """Drops the request wherever it is and frees its blocks now."""
-        group = self._groups.get(request_id)
-        if group is None:
-            return None
-        for seq in group.live_seqs():
-            self.finish_seq(seq, "abort")
-        for queue in (self.waiting, self.swapped):
-            if group in queue:
-                queue.remove(group)
-        self._retire(group)
-        return group
-
-    def fail_request(self, group: SequenceGroup, error: Exception) -> None:
-        """Ends a request whose own processing raised (its beam scoring, stop check or
-        detokenization): its blocks are freed and the error is kept for its caller
-        (`take_failed`); the other requests and the engine go on."""
-        log.error("request %s failed: %s: %s", group.request_id, type(error).__name__, error,
-                  exc_info=error)
-        group.error = error
-        # Sequences it forked this step may not be in group.seqs yet: free them too.
-        for seq, owner in list(self._seqs.values()):
-            if owner is group and not seq.is_finished:
-                self.release_seq(seq)
-        self.abort_request(group.request_id)
-        self._failed.append(group)
-
-    def take_failed(self) -> list[SequenceGroup]:
-        """The requests failed since the last call."""
-        failed, self._failed = self._failed, []
-        return failed
-
-    def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        """Ends one sequence and frees its blocks at once; the request ends with its
-        last sequence."""
-        assert not seq.is_finished, f"sequence {seq.seq_id} finished twice"
-        group = self._seqs[seq.seq_id][1]
-        blocks = self.release_seq(seq)
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        now = time.monotonic()
-        group.metrics.events.append(PhaseEvent(
-            "finished", now, now, {"reason": reason, "seq": seq.index, "blocks": blocks}))
-        if not group.live_seqs() and not group.needs_fork:
-            self._retire(group)
-
-    def release_seq(self, seq: Sequence) -> int:
-        """Frees a sequence's blocks and forgets it (a beam that lost, or one that
-        finished); returns how many blocks it held."""
-        self._seqs.pop(seq.seq_id)
-        blocks = 0
-        if seq.status in (Status.RUNNING, Status.SWAPPED):
-            blocks = len(self.bm.block_table(seq.seq_id))
-            self.bm.free(seq.seq_id)
-        seq.status = Status.FINISHED
-        return blocks
-
-    def fork_seq(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
-        """A new beam sharing every block of `parent` (ref counts +1, no copy)."""
-        child = parent.fork(next(self._seq_ids), index)
-        self.bm.fork(parent.seq_id, child.seq_id)
-        self._seqs[child.seq_id] = (child, group)
-        return child
-
-    def _retire(self, group: SequenceGroup) -> None:
-        if group.status is Status.RUNNING:
-            self._stop_running(group)
-        group.status = Status.FINISHED
-        group.metrics.finished_time = time.monotonic()
-        self._groups.pop(group.request_id, None)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
-
-    def get_group(self, request_id: str) -> SequenceGroup | None:
-        return self._groups.get(request_id)
 
     # ---- one step --------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -417,25 +313,6 @@ class Scheduler:
             self._start_running(group)
             self._schedule_prefills(group, batch, budget, admitted=True)
 
-    def _num_running_seqs(self) -> int:
-        # A running request of one sample and no beams runs exactly one sequence (it
-        # retires when that one finishes): only the others need counting.
-        return len(self.running) + sum(g.max_num_seqs - 1 for g in self._running_multi)
-
-    def _start_running(self, group: SequenceGroup) -> None:
-        group.status = Status.RUNNING
-        bisect.insort(self.running, group, key=lambda g: g.sort_key)
-        if group.params.n > 1 or group.beam is not None:
-            self._running_multi.add(group)
-
-    def _stop_running(self, group: SequenceGroup) -> None:
-        """Takes `group` out of `running`; the caller sets its new status."""
-        if self.running and self.running[-1] is group:  # a preemption victim: O(1)
-            self.running.pop()
-        else:
-            self.running.remove(group)
-        self._running_multi.discard(group)
-
     # ---- block manager calls ---------------------------------------------------------
     def _can_allocate(self, seqs: list[Sequence], group: SequenceGroup) -> bool:
         if len(seqs) == 1:
@@ -452,8 +329,6 @@ class Scheduler:
         # The manager serves only computed blocks and always leaves the last token to
         # feed: its logits give the next token.
         seq.num_computed_tokens = cached
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += seq.num_computed_tokens
         group.metrics.events.append(PhaseEvent(
             "admitted", self.step_start, self.step_start,
             {"seq": seq.index, "uncached": seq.num_tokens - seq.num_computed_tokens}))
@@ -505,131 +380,3 @@ class Scheduler:
             # group: recompute costs compute again but never loses the request.
             self._preempt_by_recompute(group)
         group.metrics.num_preemptions += 1
-
-    def _preempt_by_recompute(self, group: SequenceGroup) -> None:
-        """Precondition: `group` is RUNNING, holds GPU blocks, is out of `running`.
-        Frees its blocks and requeues it ahead of every request that has not started
-        (its arrival is older); its tokens so far become the next prefill."""
-        for seq in group.live_seqs():
-            self.bm.free(seq.seq_id)
-            seq.reset_for_recompute()
-        group.status = Status.WAITING
-        bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
-        self.num_preemptions["recompute"] += 1
-        group.metrics.events.append(PhaseEvent(
-            "preempted", self.step_start, self.step_start, {"mode": "recompute"}))
-
-    def _preempt_by_swap(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
-        """Precondition: `group` is RUNNING, out of `running`, and
-        `bm.can_swap_out(its seq ids)` is True. Its blocks go to the CPU pool; the
-        runner copies them out before this step's forward reuses the GPU blocks."""
-        seqs = group.live_seqs()
-        mapping = [tuple(m) for m in self.bm.swap_out([s.seq_id for s in seqs])]
-        batch.swap_out.extend(mapping)
-        self.num_blocks_swapped_out += len(mapping)
-        for seq in seqs:
-            seq.status = Status.SWAPPED
-        group.status = Status.SWAPPED
-        bisect.insort(self.swapped, group, key=lambda g: g.sort_key)
-        self.num_preemptions["swap"] += 1
-        group.metrics.events.append(PhaseEvent(
-            "preempted", self.step_start, self.step_start, {"mode": "swap"}))
-        self._step_swaps.append((group, "swapped_out", len(mapping)))
-
-    # ---- after the forward -----------------------------------------------------------
-    def update(self, batch: ScheduledBatch,
-               results: list[SampleResult | None]) -> list[tuple[Sequence, SequenceGroup]]:
-        """Records what the forward computed and sampled; returns the sequences that got
-        a new token. The caller checks stops and calls finish_seq, except for beam
-        search requests (one entry per request that stepped), which stop themselves."""
-        assert len(results) == len(batch.work), "one result per scheduled sequence"
-        sampled = []
-        beam_groups: dict[str, SequenceGroup] = {}
-        computed_ids, computed_counts = [], []
-        named_ids, named_tokens = [], []  # placeholders of steps scheduled ahead
-        num_sampled = 0
-        now = time.monotonic()
-        for group, kind, blocks in self._step_swaps:  # the runner copied them in this step
-            group.metrics.events.append(PhaseEvent(kind, batch.scheduled_at, now, {"blocks": blocks}))
-        self._step_swaps.clear()
-        for work, result in zip(batch.work, results):
-            entry = self._seqs.get(work.seq_id)
-            if entry is None:
-                continue  # aborted since it was scheduled
-            seq, group = entry
-            seq.num_computed_tokens += len(work.token_ids)
-            computed_ids.append(seq.seq_id)
-            computed_counts.append(seq.num_computed_tokens)
-            if len(work.token_ids) > 1 or not work.sample:
-                self.num_prompt_tokens += len(work.token_ids)
-                group.metrics.events.append(PhaseEvent(
-                    "prefill_chunk", batch.scheduled_at, now,
-                    {"tokens": len(work.token_ids), "start": work.start_pos, "seq": seq.index,
-                     "sampled": work.sample}))
-            if not work.sample:
-                continue
-            assert result is not None, f"no sample for sequence {seq.seq_id}"
-            num_sampled += 1
-            if group.beam is not None:  # the search picks the tokens once every beam is in
-                seq.beam_candidates = result.beam_candidates
-                beam_groups[group.request_id] = group
-                continue
-            seq.append_token(result.token_id, result.logprob, result.top_logprobs)
-            if seq.placeholder_slot:
-                seq.placeholder_slot = False
-                named_ids.append(seq.seq_id)
-                named_tokens.append(result.token_id)
-            if group.metrics.first_token_time is None:
-                group.metrics.first_token_time = now
-            sampled.append((seq, group))
-            if len(group.seqs) < group.params.n:  # group.needs_fork, beams being out
-                self._fork(group, seq)
-        self.num_generation_tokens += num_sampled
-        if named_ids:
-            self.bm.set_last_tokens(named_ids, named_tokens)
-        # Full blocks whose KV this forward wrote become servable from the prefix cache.
-        self.bm.mark_computed(computed_ids, computed_counts)
-        for group in beam_groups.values():
-            # After a recompute the beams' prompts may end in different steps.
-            if all(s.beam_candidates is not None for s in group.live_seqs()):
-                try:
-                    self._advance_beams(group)
-                except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
-                    self.fail_request(group, exc)
-                    continue
-                if group.metrics.first_token_time is None:
-                    group.metrics.first_token_time = now
-                sampled.append((group.seqs[0], group))
-        return sampled
-
-    def _advance_beams(self, group: SequenceGroup) -> None:
-        """Applies one step of the request's beam search: forks first (while every
-        parent still holds exactly the tokens its children share), then frees the
-        beams no candidate chose, then gives the next beams their tokens."""
-        step = beam_search.step(group, self.max_model_len)
-        owners = [self.fork_seq(group, step.beams[c.parent], index) if fork
-                  else step.beams[c.parent]
-                  for index, (c, fork) in enumerate(zip(step.chosen, step.forks))]
-        for beam in step.dropped:
-            if step.done:
-                self.finish_seq(beam, "stop")  # the last one retires the request
-            else:
-                self.release_seq(beam)  # it lost every candidate
-        beam_search.commit(group, step, owners)
-
-    def _fork(self, group: SequenceGroup, parent: Sequence) -> None:
-        """The other samples of a parallel-sampling request share the parent's prompt
-        blocks; each feeds the last prompt token again (rewriting the same K/V in the
-        shared slot) to sample its own first token with its own seed."""
-        prompt_len = len(group.prompt_token_ids)
-        for index in range(len(group.seqs), group.params.n):
-            params = group.params
-            if params.seed is not None:
-                params = params.clone(seed=derived_seed(params.seed, index))
-            child = Sequence(next(self._seq_ids), index, group.prompt_token_ids, params)
-            self.bm.fork(parent.seq_id, child.seq_id)
-            child.num_slots = prompt_len
-            child.num_computed_tokens = prompt_len - 1
-            child.status = Status.RUNNING
-            group.seqs.append(child)
-            self._seqs[child.seq_id] = (child, group)
