@@ -189,6 +189,8 @@ def test_reserve_slots_answers_how_many_groups_fit_and_changes_no_other():
     bm.free(4)
     assert bm.reserve_slots([2, 3], [9, 9], [2]) == (1, [(2, 3)])
     assert bm.block_tables([2, 3]) == [[1, 3], [1, 2]] == [bm.block_table(2), bm.block_table(3)]
+    flat, offsets = bm.block_tables_array([3, 1, 2])
+    assert (flat.dtype.name, flat.tolist(), offsets.tolist()) == ("int32", [1, 2, 0, 4, 1, 3], [0, 2, 4, 6])
     with pytest.raises(ValueError, match="group_sizes add up to 2"):
         bm.reserve_slots([1], [9], [2])
     bm.check_invariants()
