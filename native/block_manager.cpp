@@ -269,22 +269,15 @@ std::optional<BlockPair> BlockManager::append_slot(SeqId seq, TokenId token) {
   return copy;
 }
 
-std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs,
-                                                  const std::vector<TokenId>& tokens) {
-  if (seqs.size() != tokens.size())
-    throw std::invalid_argument("seq_ids and token_ids must have the same length");
-  // Count exactly the blocks this step takes, so it either fits whole or changes nothing.
-  // k holders of one shared partial block that all append need k-1 copies when they
-  // are all of its holders (the last one writes in place), k otherwise.
-  std::unordered_set<SeqId> seen;
+// Counts exactly the blocks one slot for each of these sequences takes, so a step either
+// fits whole or changes nothing. k holders of one shared partial block that all append
+// need k-1 copies when they are all of its holders (the last one writes in place), k
+// otherwise.
+int64_t BlockManager::blocks_for_append(const SeqId* seqs, size_t count) const {
   std::unordered_map<BlockId, int32_t> appenders_of_shared;
   int64_t needed = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const Sequence& s = seq_or_throw(seqs[i]);
-    if (!seen.insert(seqs[i]).second)
-      throw std::invalid_argument(seq_name(seqs[i]) + " appears twice in one append_slots call");
-    if (s.device != Device::kGpu)
-      throw std::invalid_argument(seq_name(seqs[i]) + " is swapped out; swap it in before appending");
+  for (size_t i = 0; i < count; ++i) {
+    const Sequence& s = seqs_.at(seqs[i]);  // checked by check_appendable
     if (s.num_tokens % block_size_ == 0) {
       ++needed;
     } else if (gpu_[s.table.back()].ref_count > 1) {
@@ -293,7 +286,27 @@ std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs
   }
   for (const auto& [block, k] : appenders_of_shared)
     needed += (k == gpu_[block].ref_count) ? k - 1 : k;
-  if (needed > num_free_gpu_blocks())
+  return needed;
+}
+
+// Misuse checks of one multi-sequence append, made once for the whole call.
+void BlockManager::check_appendable(const std::vector<SeqId>& seqs) const {
+  std::unordered_set<SeqId> seen;
+  for (SeqId id : seqs) {
+    const Sequence& s = seq_or_throw(id);
+    if (!seen.insert(id).second)
+      throw std::invalid_argument(seq_name(id) + " appears twice in one append call");
+    if (s.device != Device::kGpu)
+      throw std::invalid_argument(seq_name(id) + " is swapped out; swap it in before appending");
+  }
+}
+
+std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs,
+                                                  const std::vector<TokenId>& tokens) {
+  if (seqs.size() != tokens.size())
+    throw std::invalid_argument("seq_ids and token_ids must have the same length");
+  check_appendable(seqs);
+  if (blocks_for_append(seqs.data(), seqs.size()) > num_free_gpu_blocks())
     throw std::runtime_error("out of GPU blocks for this decode step (check can_append first)");
   check_tokens(tokens);
 
@@ -301,6 +314,36 @@ std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs
   for (size_t i = 0; i < seqs.size(); ++i)
     if (auto c = append_slot(seqs[i], tokens[i])) copies.push_back(*c);
   return copies;
+}
+
+BlockManager::Reservation BlockManager::reserve_slots(const std::vector<SeqId>& seqs,
+                                                      const std::vector<TokenId>& tokens,
+                                                      const std::vector<int64_t>& group_sizes) {
+  if (seqs.size() != tokens.size())
+    throw std::invalid_argument("seq_ids and token_ids must have the same length");
+  int64_t total = 0;
+  for (int64_t size : group_sizes) {
+    if (size < 0) throw std::invalid_argument("group sizes must not be negative");
+    total += size;
+  }
+  if (total != static_cast<int64_t>(seqs.size()))
+    throw std::invalid_argument("group_sizes add up to " + std::to_string(total) + ", not to the " +
+                                std::to_string(seqs.size()) + " seq_ids");
+  check_appendable(seqs);
+  check_tokens(tokens);
+  Reservation out;
+  size_t first = 0;
+  for (int64_t size : group_sizes) {
+    // Groups are counted one at a time, after the ones before them took their blocks:
+    // a copy-on-write in one group changes the ref counts the next one sees.
+    if (blocks_for_append(seqs.data() + first, static_cast<size_t>(size)) > num_free_gpu_blocks())
+      break;
+    for (size_t i = first; i < first + static_cast<size_t>(size); ++i)
+      if (auto c = append_slot(seqs[i], tokens[i])) out.copies.push_back(*c);
+    first += static_cast<size_t>(size);
+    ++out.num_groups;
+  }
+  return out;
 }
 
 void BlockManager::set_last_tokens(const std::vector<SeqId>& seqs, const std::vector<TokenId>& tokens) {

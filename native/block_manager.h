@@ -89,6 +89,17 @@ class BlockManager {
   // One decode step for many sequences; all-or-nothing when blocks run short.
   std::vector<BlockPair> append_slots(const std::vector<SeqId>& seqs,
                                       const std::vector<TokenId>& tokens);
+  // One decode step for groups of sequences, in order: seqs holds group_sizes[0]
+  // sequences of the first group, then the second's, and so on. Each group gets all its
+  // slots or none; the first group that does not fit ends the call, and the groups
+  // after it are not looked at. Running short is an answer, not an error: the caller
+  // frees blocks (preempts) and calls again from the group that did not fit.
+  struct Reservation {
+    size_t num_groups = 0;          // leading groups whose slots are reserved
+    std::vector<BlockPair> copies;  // copy-on-write pairs, in the order they happened
+  };
+  Reservation reserve_slots(const std::vector<SeqId>& seqs, const std::vector<TokenId>& tokens,
+                            const std::vector<int64_t>& group_sizes);
 
   // Replaces the token of each sequence's last reserved slot. The engine reserves the
   // slot of a token it has not read back yet (it schedules the next decode while the
@@ -115,6 +126,8 @@ class BlockManager {
 
   // --- inspection ------------------------------------------------------------
   const std::vector<BlockId>& block_table(SeqId seq) const;
+  // The tables of many sequences in one call (a step's, when the runner's inputs are built).
+  std::vector<std::vector<BlockId>> block_tables(const std::vector<SeqId>& seqs) const;
   int64_t num_tokens(SeqId seq) const;
   Device device_of(SeqId seq) const;
   bool has_seq(SeqId seq) const { return seqs_.count(seq) != 0; }
@@ -157,6 +170,9 @@ class BlockManager {
   const Block* previous_block(const Sequence& s, size_t index) const;
   std::optional<BlockId> find_cached(uint64_t hash, const Block& like) const;
   void uncache(BlockId id);
+  // Blocks that appending one slot to each of these sequences takes (copies included).
+  int64_t blocks_for_append(const SeqId* seqs, size_t count) const;
+  void check_appendable(const std::vector<SeqId>& seqs) const;
   std::vector<BlockId> distinct_blocks(const std::vector<SeqId>& seqs, Device device) const;
 
   int32_t block_size_;

@@ -9,6 +9,13 @@ namespace pagedserve {
 // ------------------------------------------------------------- inspection ----
 
 const std::vector<BlockId>& BlockManager::block_table(SeqId seq) const { return seq_or_throw(seq).table; }
+
+std::vector<std::vector<BlockId>> BlockManager::block_tables(const std::vector<SeqId>& seqs) const {
+  std::vector<std::vector<BlockId>> out;
+  out.reserve(seqs.size());
+  for (SeqId id : seqs) out.push_back(seq_or_throw(id).table);
+  return out;
+}
 int64_t BlockManager::num_tokens(SeqId seq) const { return seq_or_throw(seq).num_tokens; }
 Device BlockManager::device_of(SeqId seq) const { return seq_or_throw(seq).device; }
 

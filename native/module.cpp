@@ -1,7 +1,9 @@
 // pagedserve._native: registers the block manager with Python. Nothing else lives here.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "block_manager.h"
@@ -28,6 +30,25 @@ Device to_device(const std::string& name) {
   if (name == "gpu") return Device::kGpu;
   if (name == "cpu") return Device::kCpu;
   throw std::invalid_argument("device must be 'gpu' or 'cpu', got '" + name + "'");
+}
+
+// A step's block tables as one int32 array and where each table starts in it: filled by
+// memcpy, where lists of Python ints would cost one object per block of every sequence,
+// every step (O(context length) per sequence).
+py::tuple tables_array(const BlockManager& bm, const std::vector<SeqId>& seqs) {
+  std::vector<const std::vector<BlockId>*> tables;
+  tables.reserve(seqs.size());
+  py::array_t<int64_t> offsets(static_cast<py::ssize_t>(seqs.size() + 1));
+  auto off = offsets.mutable_unchecked<1>();
+  off(0) = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    tables.push_back(&bm.block_table(seqs[i]));
+    off(i + 1) = off(i) + static_cast<int64_t>(tables.back()->size());
+  }
+  py::array_t<BlockId> flat(static_cast<py::ssize_t>(off(seqs.size())));
+  BlockId* out = flat.mutable_data();
+  for (const auto* t : tables) out = std::copy(t->begin(), t->end(), out);
+  return py::make_tuple(flat, offsets);
 }
 
 py::object pair_or_none(const std::optional<BlockPair>& p) {
@@ -67,6 +88,13 @@ PYBIND11_MODULE(_native, m) {
              return bm.append_slots(seqs, to_token_ids(ids));
            },
            py::arg("seq_ids"), py::arg("token_ids"))
+      .def("reserve_slots",
+           [](BlockManager& bm, const std::vector<SeqId>& seqs, const std::vector<int64_t>& ids,
+              const std::vector<int64_t>& group_sizes) {
+             auto r = bm.reserve_slots(seqs, to_token_ids(ids), group_sizes);
+             return py::make_tuple(r.num_groups, r.copies);
+           },
+           py::arg("seq_ids"), py::arg("token_ids"), py::arg("group_sizes"))
       .def("set_last_tokens",
            [](BlockManager& bm, const std::vector<SeqId>& seqs, const std::vector<int64_t>& ids) {
              bm.set_last_tokens(seqs, to_token_ids(ids));
@@ -80,6 +108,8 @@ PYBIND11_MODULE(_native, m) {
       .def("can_swap_in", &BlockManager::can_swap_in, py::arg("seq_ids"))
       .def("swap_in", &BlockManager::swap_in, py::arg("seq_ids"))
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
+      .def("block_tables", &BlockManager::block_tables, py::arg("seq_ids"))
+      .def("block_tables_array", &tables_array, py::arg("seq_ids"))
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
       .def("device_of",
            [](const BlockManager& bm, SeqId seq) {

@@ -284,3 +284,30 @@ def test_a_stream_gets_beam_results_whole_at_the_end():
     assert [(m.index, list(m.token_ids), m.text) for m in messages] == \
         [(0, [7, 8], "xy"), (1, [9], "z")]
     assert messages[-1].usage.completion_tokens == 3
+
+
+def test_a_beam_step_is_data_the_scheduler_applies():
+    """beam_search.step decides (which beams continue, which fork, which are dropped)
+    and touches no sequence and no block; the scheduler applies it."""
+    from pagedserve.engine import beam_search
+    from pagedserve.engine.sequence import SequenceGroup
+
+    params = SamplingParams(beam_width=2, max_tokens=8)
+    group = SequenceGroup("r", None, [1, 2, 3], params, first_seq_id=0, arrival_index=0)
+    group.beam = beam_search.BeamState(params, frozenset({EOS}))
+    first = group.seqs[0]
+    second = first.fork(1, 1)
+    group.seqs.append(second)
+    # Both continuations of beam 0 beat anything beam 1 offers: beam 0 forks, 1 drops.
+    first.beam_candidates = [(5, -0.1), (6, -0.2), (EOS, -9.0)]
+    second.beam_candidates = [(7, -3.0), (8, -4.0), (EOS, -9.0)]
+    step = beam_search.step(group, max_model_len=64)
+    assert [(c.parent, c.token_id) for c in step.chosen] == [(0, 5), (0, 6)]
+    assert step.forks == [False, True]
+    assert step.dropped == [second] and not step.done
+    assert first.output_token_ids == [] and group.seqs == [first, second]  # nothing applied
+    child = first.fork(2, 1)
+    beam_search.commit(group, step, [first, child])
+    assert group.seqs == [first, child]
+    assert (first.output_token_ids, child.output_token_ids) == ([5], [6])
+    assert first.beam_candidates is None and second.beam_candidates is None

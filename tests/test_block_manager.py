@@ -172,3 +172,25 @@ def test_running_out_is_a_normal_answer_and_misuse_past_it_raises():
 def test_bad_construction_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BlockManager(**kwargs)
+
+
+def test_reserve_slots_answers_how_many_groups_fit_and_changes_no_other():
+    """The scheduler's decode call: groups in order, each all or nothing, stopping at the
+    first that does not fit (the caller preempts and calls again from it)."""
+    bm = BlockManager(5, 0, 2, watermark=0, enable_prefix_caching=False)
+    bm.allocate(1, [0, 1])  # full: its next slot takes block 4
+    bm.allocate(2, [0, 1, 2])  # last block partly filled ...
+    bm.fork(2, 3)  # ... and shared: the first of the two to append copies it
+    bm.allocate(4, [0, 1])
+    assert bm.num_free_gpu_blocks == 1
+    done, copies = bm.reserve_slots([1, 2, 3, 4], [9, 9, 9, 9], [1, 2, 1])
+    assert (done, copies) == (1, [])
+    assert [bm.num_tokens(s) for s in (1, 2, 3, 4)] == [3, 3, 3, 2]
+    bm.free(4)
+    assert bm.reserve_slots([2, 3], [9, 9], [2]) == (1, [(2, 3)])
+    assert bm.block_tables([2, 3]) == [[1, 3], [1, 2]] == [bm.block_table(2), bm.block_table(3)]
+    flat, offsets = bm.block_tables_array([3, 1, 2])
+    assert (flat.dtype.name, flat.tolist(), offsets.tolist()) == ("int32", [1, 2, 0, 4, 1, 3], [0, 2, 4, 6])
+    with pytest.raises(ValueError, match="group_sizes add up to 2"):
+        bm.reserve_slots([1], [9], [2])
+    bm.check_invariants()

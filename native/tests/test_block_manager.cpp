@@ -102,6 +102,31 @@ void append_slots_is_all_or_nothing() {
   EXPECT_EQ(bm.can_append(1), false);
 }
 
+void reserve_slots_stops_at_the_first_group_that_does_not_fit() {
+  BlockManager bm(5, 0, 2, false, 0.0);
+  bm.allocate(1, range(0, 2));  // full: its next slot takes a new block
+  bm.allocate(2, range(0, 3));  // a free slot in its last block
+  bm.fork(2, 3);                // 2 and 3 share that partial block
+  bm.allocate(4, range(0, 2));
+  // Free: 5 - 1 - 2 - 1 = 1 block. Group {1} takes it; group {2, 3} then needs one copy
+  // (the last holder writes in place) and does not fit; group {4} is not looked at.
+  auto r = bm.reserve_slots({1, 2, 3, 4}, {9, 9, 9, 9}, {1, 2, 1});
+  EXPECT_EQ(r.num_groups, size_t{1});
+  EXPECT_EQ(r.copies.empty(), true);
+  EXPECT_EQ(bm.num_tokens(1), 3);
+  EXPECT_EQ(bm.num_tokens(2), 3);  // the group that did not fit is untouched
+  EXPECT_EQ(bm.num_tokens(4), 2);
+  bm.free(4);  // frees one block (2 and 3 share the others)
+  r = bm.reserve_slots({2, 3}, {9, 9}, {2});
+  EXPECT_EQ(r.num_groups, size_t{1});
+  EXPECT_EQ(r.copies, (std::vector<BlockPair>{{bm.block_table(3)[1], bm.block_table(2)[1]}}));
+  EXPECT_EQ(bm.block_tables({2, 3}), (std::vector<std::vector<BlockId>>{bm.block_table(2), bm.block_table(3)}));
+  EXPECT_EQ(bm.reserve_slots({}, {}, {0, 0}).num_groups, size_t{2});  // empty groups always fit
+  EXPECT_THROW(bm.reserve_slots({1}, {9}, {2}), "group_sizes add up to 2");
+  EXPECT_THROW(bm.reserve_slots({1, 1}, {9, 9}, {1, 1}), "appears twice");
+  bm.check_invariants();
+}
+
 void prefix_hits_are_counted_and_shared() {
   BlockManager bm(8, 0, 4, true, 0.0);
   KvShadow kv(bm);
@@ -267,6 +292,8 @@ int main() {
       {"blocks_are_taken_only_when_needed", blocks_are_taken_only_when_needed},
       {"fork_shares_and_copy_on_write_returns_the_pair", fork_shares_and_copy_on_write_returns_the_pair},
       {"append_slots_is_all_or_nothing", append_slots_is_all_or_nothing},
+      {"reserve_slots_stops_at_the_first_group_that_does_not_fit",
+       reserve_slots_stops_at_the_first_group_that_does_not_fit},
       {"prefix_hits_are_counted_and_shared", prefix_hits_are_counted_and_shared},
       {"freed_cached_blocks_are_evicted_lru_tail_first", freed_cached_blocks_are_evicted_lru_tail_first},
       {"blocks_join_the_cache_only_once_computed", blocks_join_the_cache_only_once_computed},

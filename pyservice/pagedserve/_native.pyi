@@ -1,5 +1,7 @@
 """Paged KV-cache block manager (C++; see native/block_manager.h)."""
 
+import numpy
+
 class InvariantViolation(AssertionError): ...
 
 class BlockManager:
@@ -23,6 +25,11 @@ class BlockManager:
         """Reserves the slot of one new token; returns a (src, dst) copy-on-write pair."""
     def append_slots(self, seq_ids: list[int], token_ids: list[int]) -> list[tuple[int, int]]:
         """One decode step for many sequences, all or nothing; the copy-on-write pairs."""
+    def reserve_slots(self, seq_ids: list[int], token_ids: list[int],
+                      group_sizes: list[int]) -> tuple[int, list[tuple[int, int]]]:
+        """One decode step for groups of sequences (seq_ids holds each group's in turn),
+        in order, each group all or nothing; stops at the first group that does not fit.
+        Returns how many groups got their slots and the copy-on-write pairs made."""
     def set_last_tokens(self, seq_ids: list[int], token_ids: list[int]) -> None:
         """Names the token of each sequence's last reserved slot (reserved with a
         placeholder before the token was sampled); its block must be unsealed, unshared."""
@@ -38,6 +45,11 @@ class BlockManager:
     def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Brings them back; (cpu_block, gpu_block) copies to perform."""
     def block_table(self, seq_id: int) -> list[int]: ...
+    def block_tables(self, seq_ids: list[int]) -> list[list[int]]:
+        """The tables of many sequences in one call."""
+    def block_tables_array(self, seq_ids: list[int]) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """One step's tables in one call: int32 block ids of every table end to end, and
+        int64 offsets (len(seq_ids) + 1): table i is flat[offsets[i]:offsets[i + 1]]."""
     def num_tokens(self, seq_id: int) -> int: ...
     def device_of(self, seq_id: int) -> str: ...
     def has_seq(self, seq_id: int) -> bool: ...

@@ -6,6 +6,7 @@ decisions. Physical block ids index the KV cache tensors directly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +20,10 @@ class SeqWork:
     seq_id: int
     token_ids: list[int]  # tokens to feed this step: a prompt chunk, or [last sampled token]
     start_pos: int  # position of token_ids[0] in the sequence
-    # The whole table (GPU block ids); covers start_pos + len(token_ids). Read-only: the
-    # scheduler hands the same list object out step after step until the table changes.
-    block_table: list[int]
+    # The whole table (GPU block ids); covers start_pos + len(token_ids). Read from the
+    # block manager once the step is complete (fill_block_tables): it owns the tables.
+    # A list, or the scheduler's read-only int32 array view.
+    block_table: Sequence[int]
     sample: bool  # False for a prefill chunk that does not reach the prompt's end
     params: SamplingParams
     prompt_token_ids: list[int]  # for the repetition penalty
@@ -60,3 +62,15 @@ class SampleResult:
     # Beam search (params.beam_width > 1): the best next tokens and their log-probs
     # after the penalties, best first; token_id/logprob are the first of them.
     beam_candidates: list[tuple[int, float]] | None = None
+
+
+def fill_block_tables(block_manager, batch: ScheduledBatch) -> None:
+    """Reads every table of the step from the block manager in one call, after every
+    slot of the step is reserved (a decode's new block, a copy-on-write, a swap-in).
+    Each table is a read-only int32 view of one array: no Python int per block."""
+    if batch.work:
+        flat, offsets = block_manager.block_tables_array([w.seq_id for w in batch.work])
+        flat.flags.writeable = False
+        bounds = offsets.tolist()
+        for i, work in enumerate(batch.work):
+            work.block_table = flat[bounds[i]:bounds[i + 1]]

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from pagedserve.engine.scheduler import Scheduler
     from pagedserve.engine.sequence import Sequence, SequenceGroup
 
 
@@ -139,8 +138,23 @@ def top_logprobs(beam: Sequence, params: SamplingParams, c: Candidate) -> dict[i
     return entry
 
 
-def advance(sched: Scheduler, group: SequenceGroup, max_model_len: int) -> None:
-    """Applies one step of the search to the request's sequences and KV blocks."""
+@dataclass
+class BeamStep:
+    """One step of a request's search, as data for the scheduler to apply: it forks
+    and frees the sequences (and their KV blocks), then `commit` gives the next beams
+    their tokens."""
+
+    beams: list[Sequence]  # the live beams the step started from
+    chosen: list[Candidate]  # the next beams, best first
+    tops: list[dict[int, float] | None]  # the logprobs entry of each chosen token
+    forks: list[bool]  # per chosen: a new sequence forked from its parent (else the parent)
+    dropped: list[Sequence]  # beams chosen by no candidate
+    done: bool  # the search is over: the dropped beams finish, the request with them
+
+
+def step(group: SequenceGroup, max_model_len: int) -> BeamStep:
+    """Decides one step of the search over the request's live beams (each with its
+    `beam_candidates`); records the new hypotheses in `group.beam`, changes no sequence."""
     state: BeamState = group.beam
     beams = group.live_seqs()
     out_len = len(beams[0].output_token_ids) + 1
@@ -149,25 +163,22 @@ def advance(sched: Scheduler, group: SequenceGroup, max_model_len: int) -> None:
     chosen = state.select(beams, at_limit)
     tops = [top_logprobs(beams[c.parent], group.params, c) if beams[c.parent].logprobs
             is not None else None for c in chosen]
-    # Forks first, while every parent still holds exactly the tokens its children share.
-    owners: list[Sequence] = []
-    kept: set[int] = set()
-    for index, c in enumerate(chosen):
-        parent = beams[c.parent]
-        if parent.seq_id in kept:
-            owners.append(sched.fork_seq(group, parent, index))
-        else:
-            kept.add(parent.seq_id)
-            owners.append(parent)
-    for beam in beams:
+    forks: list[bool] = []
+    kept: set[int] = set()  # parents kept by an earlier (better) candidate
+    for c in chosen:
+        forks.append(c.parent in kept)
+        kept.add(c.parent)
+    dropped = [beam for b, beam in enumerate(beams) if b not in kept]
+    return BeamStep(beams, chosen, tops, forks, dropped, state.done)
+
+
+def commit(group: SequenceGroup, step: BeamStep, owners: list[Sequence]) -> None:
+    """Gives each next beam (`owners`, aligned with `step.chosen`: the parent or its
+    fork) its token, once the forks were made while every parent still held exactly
+    the tokens its children share."""
+    for beam in step.beams:
         beam.beam_candidates = None
-        if beam.seq_id in kept:
-            continue
-        if state.done:
-            sched.finish_seq(beam, "stop")  # the last one retires the request
-        else:
-            sched.release_seq(beam)  # it lost every candidate
-    for index, (seq, c, top) in enumerate(zip(owners, chosen, tops)):
+    for index, (seq, c, top) in enumerate(zip(owners, step.chosen, step.tops)):
         seq.index = index
         seq.append_token(c.token_id, c.logprob, top)
     if owners:

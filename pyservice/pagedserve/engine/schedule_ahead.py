@@ -1,17 +1,21 @@
-"""Async scheduling's half in the scheduler: step N+1's batch, scheduled while step N
-still runs on the GPU (LLMEngine.step queues it before reading step N's tokens)."""
+"""Async scheduling's policy: which decodes step N+1 can run while step N still runs on
+the GPU (LLMEngine.step queues N+1 before reading N's tokens). Scheduler.schedule_ahead
+asks it, then reserves the slots and builds the step as schedule() does.
+
+One decode of every running request, feeding the token `prev` is sampling for it. That
+token is not known yet: the runner takes it from the GPU, and its slot is reserved with
+a placeholder that Scheduler.update() names once `prev`'s results are in. A request that
+`prev` ends by length gets no decode; one that `prev` ends otherwise (EOS, a stop string)
+wastes its decode, whose result update() drops.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine.batch import ScheduledBatch, SeqWork
-
 if TYPE_CHECKING:
-    from pagedserve.engine.scheduler import Scheduler
-
-_NO_EOS: frozenset[int] = frozenset()
+    from pagedserve.engine.batch import ScheduledBatch
+    from pagedserve.engine.sequence import Sequence, SequenceGroup
 
 
 def _reads_outputs(params: Any) -> bool:
@@ -22,30 +26,20 @@ def _reads_outputs(params: Any) -> bool:
             or params.frequency_penalty != 0.0 or params.constrained)
 
 
-def schedule_ahead(sched: Scheduler, prev: ScheduledBatch) -> ScheduledBatch | None:
-    """The next step, scheduled while `prev` (already launched) still runs on the GPU,
-    so this host work overlaps it: one decode of every running request, feeding the
-    token `prev` is sampling for it. That token is not known yet: the runner takes it
-    from the GPU, and its slot is reserved with a placeholder that update() names
-    once `prev`'s results are in. A request that `prev` ends by length gets no
-    decode; one that `prev` ends otherwise (EOS, a stop string) wastes its decode,
-    whose result update() drops.
-
-    None when the next step may need more than that, and the caller then waits for
-    `prev` and calls schedule(): requests waiting with room to admit them (admitted
-    here, their prompt step would be launched eagerly, op by op, before `prev`'s
-    tokens are read, which delays every request's tokens by that launch), swapped
-    requests, a running request that `prev` does not sample for (prompt left), one
-    of several sequences or with penalties (they read the outputs so far), or too
-    few free blocks for the new slots (a preemption)."""
-    if sched.swapped or (sched.waiting and sched._num_running_seqs() < sched.max_num_seqs):
-        return None
-    if len(sched.running) > sched.max_num_batched_tokens:
+def decodes_ahead(running: list[SequenceGroup], prev: ScheduledBatch, *,
+                  max_num_batched_tokens: int, max_model_len: int
+                  ) -> list[tuple[Sequence, SequenceGroup, int]] | None:
+    """The decodes of the step after `prev`: (sequence, request, index of the work in
+    `prev` that samples the token it feeds), in queue order. None when that step may
+    need more than them, and the caller then waits for `prev` and calls schedule(): a
+    running request that `prev` does not sample for (prompt left), one of several
+    sequences or with penalties (they read the outputs so far), or more decodes than
+    the token budget."""
+    if len(running) > max_num_batched_tokens:
         return None
     sampled_at = {w.seq_id: i for i, w in enumerate(prev.work) if w.sample}
     entries = []
-    new_blocks = 0
-    for group in sched.running:
+    for group in running:
         # n > 1: one sequence until its first token, then forked (sharing its blocks).
         if group.params.n != 1 or group.beam is not None or _reads_outputs(group.params):
             return None
@@ -54,32 +48,7 @@ def schedule_ahead(sched: Scheduler, prev: ScheduledBatch) -> ScheduledBatch | N
         if index is None or seq.is_finished or seq.num_slots != len(seq.token_ids):
             return None
         num_out = len(seq.output_token_ids) + 1  # with the token being sampled
-        if num_out >= seq.params.max_tokens or len(seq.token_ids) + 1 >= sched.max_model_len:
+        if num_out >= seq.params.max_tokens or len(seq.token_ids) + 1 >= max_model_len:
             continue  # prev ends it by length
-        if seq.num_slots % sched.block_size == 0:
-            new_blocks += 1
         entries.append((seq, group, index))
-    if not entries or new_blocks > sched.bm.num_free_gpu_blocks:
-        return None
-    sched.step_start = time.monotonic()
-    batch = ScheduledBatch(work=[], scheduled_at=sched.step_start)
-    ids = [seq.seq_id for seq, _, _ in entries]
-    batch.copies.extend(tuple(c) for c in sched.bm.append_slots(ids, [0] * len(ids)))
-    for seq, group, index in entries:
-        pos = seq.num_slots
-        if pos % sched.block_size == 0 or batch.copies:
-            seq.cached_block_table = None  # it gained a block
-        seq.num_slots += 1
-        seq.placeholder_slot = True
-        table = seq.cached_block_table
-        if table is None:
-            table = seq.cached_block_table = sched.bm.block_table(seq.seq_id)
-        batch.feed_from_previous.append((len(batch.work), index))
-        batch.work.append(SeqWork(
-            seq.seq_id, [0], pos, table, True, seq.params, seq.prompt_token_ids,
-            seq.output_token_ids, len(seq.output_token_ids) + 1,
-            _NO_EOS if seq.params.ignore_eos else sched.eos_token_ids))
-    sched.num_steps += 1
-    sched.num_steps_ahead += 1
-    sched.decode_batch_sizes[len(entries)] += 1
-    return batch
+    return entries or None

@@ -11,10 +11,9 @@ tokens:
  4. new admissions, only when nothing is left swapped.
 Steps 3 and 4 are skipped in a step that preempted: the pool is too full for them.
 
-Queues are ordered by (priority, arrival): lower priority values first, FCFS within a
-priority. Priority orders admissions; it never preempts a running request for a
-waiting one. The victim of a preemption is the last running request: the lowest
-priority, latest arrival.
+Queues (engine/request_book.py) are ordered by (priority, arrival). Priority orders
+admissions; it never preempts a running request for a waiting one. The victim of a
+preemption is the last running request: the lowest priority, latest arrival.
 
 The scheduler sees blocks only through the block manager's answers (DESIGN.md item 2)
 and never touches tensors; its decisions go to the runner as one ScheduledBatch.
@@ -22,23 +21,18 @@ and never touches tensors; its decisions go to the runner as one ScheduledBatch.
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import logging
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from pagedserve.engine import beam_search
-from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
-from pagedserve.engine.decode_run import DecodeRun
-from pagedserve.engine.schedule_ahead import schedule_ahead
-from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
+from pagedserve.engine.batch import ScheduledBatch, SeqWork, fill_block_tables
+from pagedserve.engine.request_book import RequestBook
+from pagedserve.engine.schedule_ahead import decodes_ahead
+from pagedserve.engine.sequence import Sequence, SequenceGroup, Status
 from pagedserve.observability.timeline import PhaseEvent
 
-log = logging.getLogger(__name__)
 
 @dataclass
 class _Budget:
@@ -51,67 +45,45 @@ class _Budget:
 
 
 _NO_EOS: frozenset[int] = frozenset()
+_NO_TABLE: list[int] = []  # until fill_block_tables reads the step's tables
 
 
-class Scheduler:
+class Scheduler(RequestBook):
     def __init__(self, block_manager: Any, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, preemption_mode: str = "auto",
                  eos_token_ids: frozenset[int] = frozenset()):
-        self.bm = block_manager
+        super().__init__(block_manager, max_model_len=max_model_len,
+                         eos_token_ids=eos_token_ids)
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
-        self.eos_token_ids = frozenset(eos_token_ids)
         # The most one request may use: the pool less the admission watermark.
         self.num_gpu_blocks = block_manager.num_gpu_blocks
         self.usable_gpu_blocks = self.num_gpu_blocks - block_manager.watermark_blocks
-        self.waiting: list[SequenceGroup] = []
-        self.running: list[SequenceGroup] = []
-        # The running requests with n > 1 or beam search, kept by _start_running and
-        # _stop_running, for _num_running_seqs.
-        self._running_multi: set[SequenceGroup] = set()
-        self.swapped: list[SequenceGroup] = []
-        self._groups: dict[str, SequenceGroup] = {}
-        self._seqs: dict[int, tuple[Sequence, SequenceGroup]] = {}
-        self._seq_ids = itertools.count()
-        self._arrivals = itertools.count()
-        self.num_preemptions = {"swap": 0, "recompute": 0}
-        self.num_blocks_swapped_out = 0
-        self.num_blocks_swapped_in = 0
-        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_cache_hits = 0  # ... and found there
-        self.num_prompt_tokens = 0  # tokens fed in prefills (recomputes included)
-        self.num_generation_tokens = 0  # tokens sampled
         self.num_steps = 0
         self.num_steps_ahead = 0  # of num_steps, those scheduled by schedule_ahead
         # Steps by number of decode sequences in them: what an ideal schedule is
         # measured against (benchmarks), and what the batch sizes really were.
         self.decode_batch_sizes: Counter[int] = Counter()
-        # For the requests' timelines: when this step began, and the swaps it made
-        # (recorded once update() knows when the step's copies were done).
-        self.step_start = 0.0
-        self._step_swaps: list[tuple[SequenceGroup, str, int]] = []
-        self._failed: list[SequenceGroup] = []
 
-    # ---- requests ------------------------------------------------------------------
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (the block manager counts them)."""
+        return self.bm.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """... and found there."""
+        return self.bm.prefix_cache_hits
+
+    # ---- admission -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: Any, priority: int = 0,
                     arrival_time: float | None = None, cache_salt: int = 0) -> SequenceGroup:
-        if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
         self._check_fits(len(prompt_token_ids), params)
-        group = SequenceGroup(request_id, prompt, list(prompt_token_ids), params,
-                              first_seq_id=next(self._seq_ids),
-                              arrival_index=next(self._arrivals), priority=priority,
-                              arrival_time=arrival_time, cache_salt=cache_salt)
-        if params.beam_width > 1:
-            group.beam = beam_search.BeamState(params, self.eos_token_ids)
-        self._groups[request_id] = group
-        self._seqs[group.seqs[0].seq_id] = (group.seqs[0], group)
-        bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
-        return group
+        return super().add_request(request_id, prompt, prompt_token_ids, params, priority,
+                                   arrival_time, cache_salt)
 
     def _check_fits(self, prompt_len: int, params: Any) -> None:
         """Rejects at admission a request that could not run even alone in the pool;
@@ -138,84 +110,6 @@ class Scheduler:
         return shared + sum(math.ceil((n - shared * self.block_size) / self.block_size)
                             for n in seq_lens)
 
-    def abort_request(self, request_id: str) -> SequenceGroup | None:
-        """Drops the request wherever it is and frees its blocks now."""
-        group = self._groups.get(request_id)
-        if group is None:
-            return None
-        for seq in group.live_seqs():
-            self.finish_seq(seq, "abort")
-        for queue in (self.waiting, self.swapped):
-            if group in queue:
-                queue.remove(group)
-        self._retire(group)
-        return group
-
-    def fail_request(self, group: SequenceGroup, error: Exception) -> None:
-        """Ends a request whose own processing raised (its beam scoring, stop check or
-        detokenization): its blocks are freed and the error is kept for its caller
-        (`take_failed`); the other requests and the engine go on."""
-        log.error("request %s failed: %s: %s", group.request_id, type(error).__name__, error,
-                  exc_info=error)
-        group.error = error
-        # Sequences it forked this step may not be in group.seqs yet: free them too.
-        for seq, owner in list(self._seqs.values()):
-            if owner is group and not seq.is_finished:
-                self.release_seq(seq)
-        self.abort_request(group.request_id)
-        self._failed.append(group)
-
-    def take_failed(self) -> list[SequenceGroup]:
-        """The requests failed since the last call."""
-        failed, self._failed = self._failed, []
-        return failed
-
-    def finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        """Ends one sequence and frees its blocks at once; the request ends with its
-        last sequence."""
-        assert not seq.is_finished, f"sequence {seq.seq_id} finished twice"
-        group = self._seqs[seq.seq_id][1]
-        blocks = self.release_seq(seq)
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        now = time.monotonic()
-        group.metrics.events.append(PhaseEvent(
-            "finished", now, now, {"reason": reason, "seq": seq.index, "blocks": blocks}))
-        if not group.live_seqs() and not group.needs_fork:
-            self._retire(group)
-
-    def release_seq(self, seq: Sequence) -> int:
-        """Frees a sequence's blocks and forgets it (a beam that lost, or one that
-        finished); returns how many blocks it held."""
-        self._seqs.pop(seq.seq_id)
-        blocks = 0
-        if seq.status in (Status.RUNNING, Status.SWAPPED):
-            blocks = len(self.bm.block_table(seq.seq_id))
-            self.bm.free(seq.seq_id)
-            seq.cached_block_table = None
-        seq.status = Status.FINISHED
-        return blocks
-
-    def fork_seq(self, group: SequenceGroup, parent: Sequence, index: int) -> Sequence:
-        """A new beam sharing every block of `parent` (ref counts +1, no copy)."""
-        child = parent.fork(next(self._seq_ids), index)
-        self.bm.fork(parent.seq_id, child.seq_id)
-        parent.cached_block_table = None  # its next append copies its shared last block
-        self._seqs[child.seq_id] = (child, group)
-        return child
-
-    def _retire(self, group: SequenceGroup) -> None:
-        if group.status is Status.RUNNING:
-            self._stop_running(group)
-        group.status = Status.FINISHED
-        group.metrics.finished_time = time.monotonic()
-        self._groups.pop(group.request_id, None)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
-
-    def get_group(self, request_id: str) -> SequenceGroup | None:
-        return self._groups.get(request_id)
-
     # ---- one step --------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         self.step_start = time.monotonic()
@@ -234,12 +128,42 @@ class Scheduler:
         num_decodes = sum(1 for w in batch.work if len(w.token_ids) == 1 and w.sample)
         if num_decodes:
             self.decode_batch_sizes[num_decodes] += 1
+        fill_block_tables(self.bm, batch)
         return batch
 
     def schedule_ahead(self, prev: ScheduledBatch) -> ScheduledBatch | None:
-        """The next step's decodes, scheduled while `prev` still runs on the GPU; None
-        when the next step needs `prev`'s results first (engine/schedule_ahead.py)."""
-        return schedule_ahead(self, prev)
+        """The next step's decodes, scheduled while `prev` (already launched) still runs
+        on the GPU, so this host work overlaps it (engine/schedule_ahead.py says which).
+        None when the next step needs `prev`'s results first: requests waiting with room
+        to admit them (admitted here, their prompt step would be launched eagerly, op by
+        op, before `prev`'s tokens are read, which delays every request's tokens by that
+        launch), swapped requests, or too few free blocks for the new slots (a
+        preemption)."""
+        if self.swapped or (self.waiting and self._num_running_seqs() < self.max_num_seqs):
+            return None
+        entries = decodes_ahead(self.running, prev,
+                                max_num_batched_tokens=self.max_num_batched_tokens,
+                                max_model_len=self.max_model_len)
+        if entries is None:
+            return None
+        ids = [seq.seq_id for seq, _, _ in entries]
+        done, copies = self.bm.reserve_slots(ids, [0] * len(ids), [len(ids)])  # placeholders
+        if not done:
+            return None
+        self.step_start = time.monotonic()
+        batch = ScheduledBatch(work=[], scheduled_at=self.step_start,
+                               copies=[tuple(c) for c in copies])
+        for seq, group, index in entries:
+            seq.num_slots += 1
+            seq.placeholder_slot = True
+            batch.feed_from_previous.append((len(batch.work), index))
+            batch.work.append(self._work(seq, group, seq.num_slots - 1, seq.num_slots,
+                                         ahead=True))
+        self.num_steps += 1
+        self.num_steps_ahead += 1
+        self.decode_batch_sizes[len(entries)] += 1
+        fill_block_tables(self.bm, batch)
+        return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch,
                           budget: _Budget) -> tuple[bool, list[SequenceGroup]]:
@@ -247,58 +171,96 @@ class Scheduler:
         Returns whether it preempted, and the running requests that may have prompt
         left to feed, in queue order (so the prefill pass need not walk them all).
 
-        A request of one sequence (the common case) only joins `run`, whose slots are
-        reserved in one native call; any other request first flushes `run`, so the
-        block manager sees the appends and preemptions in queue order, exactly as with
-        one append_slot call per sequence."""
-        preempted = False
+        The slots of every decode are reserved in one native call that stops at the
+        first request whose slots do not fit; the last running request is then
+        preempted until that one fits (or is the one preempted), and the call goes on
+        from there. So the block manager sees the appends and preemptions in queue
+        order, exactly as with one append call per request."""
+        units: list[tuple[SequenceGroup, list[Sequence]]] = []  # decodes, queue order
         prompts_left: list[SequenceGroup] = []
-        run = DecodeRun(self, batch)
-        i = 0
-        while i < len(self.running):
-            group = self.running[i]
+        end = len(self.running)  # past the last request the budget reached
+        for i, group in enumerate(self.running):
             if len(group.seqs) == 1:
                 seq = group.seqs[0]
                 uncomputed = seq.num_uncomputed
                 if uncomputed != 1 or seq.is_finished:
                     if uncomputed > 1:
                         prompts_left.append(group)
-                    i += 1
                     continue
-                if budget.tokens < 1 or budget.seqs < 1:
-                    break
-                if run.add(seq, group):
-                    budget.take(1, 1)
-                    i += 1
-                    continue
-                seqs = [seq]  # no free block left: preempt below
+                seqs = group.seqs
             else:
                 seqs = [s for s in group.live_seqs() if s.num_uncomputed == 1]
                 if not seqs:
                     prompts_left.append(group)
-                    i += 1
                     continue
-                if len(seqs) > min(budget.tokens, budget.seqs):
-                    break
-            run.flush()
-            while not self._can_append(seqs):
+            if len(seqs) > min(budget.tokens, budget.seqs):
+                end = i
+                break
+            budget.take(len(seqs), len(seqs))
+            units.append((group, seqs))
+            if len(group.seqs) != 1:
+                prompts_left.append(group)  # its other sequences may still prefill
+        tail = self.running[end:]
+        preempted = self._reserve_decodes(units, batch, budget)
+        if preempted:  # victims come from the back: drop them from what is left
+            prompts_left = [g for g in prompts_left if g.status is Status.RUNNING]
+            tail = [g for g in tail if g.status is Status.RUNNING]
+        for group, seqs in units:
+            for seq in seqs:
+                num_tokens = len(seq.token_ids)
+                batch.work.append(self._work(seq, group, num_tokens - 1, num_tokens))
+        return preempted, prompts_left + tail
+
+    def _reserve_decodes(self, units: list[tuple[SequenceGroup, list[Sequence]]],
+                         batch: ScheduledBatch, budget: _Budget) -> bool:
+        """Reserves the units' slots, preempting from the back of `running` until each
+        fits; drops preempted units from `units` (refunding their budget). Returns
+        whether it preempted."""
+        preempted = False
+        start = 0
+        while start < len(units):
+            done, copies = self._append_units(units[start:])
+            batch.copies.extend(copies)
+            start += done
+            while start < len(units):  # units[start] does not fit: free blocks for it
                 victim = self.running[-1]
                 self._stop_running(victim)
                 self._preempt(victim, batch)
                 preempted = True
-                if victim is group:
+                if units[-1][0] is victim:
+                    n = len(units.pop()[1])
+                    budget.take(-n, -n)
+                    if len(units) == start:
+                        break  # it was the one that did not fit
+                done, copies = self._append_units(units[start:start + 1])
+                if done:
+                    batch.copies.extend(copies)
+                    start += 1
                     break
-            else:
-                for seq in seqs:
-                    self._schedule_seq(seq, group, 1, batch)
-                budget.take(len(seqs), len(seqs))
-                prompts_left.append(group)  # its other sequences may still prefill
-                i += 1
-        run.flush()
-        # Preemption only ever takes requests from the back, past `i`: the ones
-        # visited are all still running, the rest were not looked at.
-        prompts_left.extend(self.running[i:])
-        return preempted, prompts_left
+        return preempted
+
+    def _append_units(self, units: list[tuple[SequenceGroup, list[Sequence]]]
+                      ) -> tuple[int, list[tuple[int, int]]]:
+        """One native call: the slots of each unit's sequences whose last token has none,
+        all or nothing per unit, in order until one does not fit."""
+        ids: list[int] = []
+        tokens: list[int] = []
+        sizes: list[int] = []
+        for _, seqs in units:
+            n = 0
+            for seq in seqs:
+                if seq.num_slots < len(seq.token_ids):
+                    ids.append(seq.seq_id)
+                    tokens.append(seq.token_ids[seq.num_slots])
+                    n += 1
+            sizes.append(n)
+        if not ids:
+            return len(units), []
+        done, copies = self.bm.reserve_slots(ids, tokens, sizes)
+        for _, seqs in units[:done]:
+            for seq in seqs:
+                seq.num_slots = len(seq.token_ids)
+        return done, [tuple(c) for c in copies]
 
     def _schedule_prefills(self, group: SequenceGroup, batch: ScheduledBatch,
                            budget: _Budget, admitted: bool = False) -> None:
@@ -327,14 +289,15 @@ class Scheduler:
             self._step_swaps.append((group, "swapped_in", len(mapping)))
             for seq in seqs:
                 seq.status = Status.RUNNING
-                seq.cached_block_table = None
             self._start_running(group)
             decodes = [s for s in seqs if s.num_uncomputed == 1]
-            if decodes and len(decodes) <= min(budget.tokens, budget.seqs) \
-                    and self._can_append(decodes):
-                for seq in decodes:
-                    self._schedule_seq(seq, group, 1, batch)
-                budget.take(len(decodes), len(decodes))
+            if decodes and len(decodes) <= min(budget.tokens, budget.seqs):
+                done, copies = self._append_units([(group, decodes)])
+                if done:
+                    batch.copies.extend(copies)
+                    for seq in decodes:
+                        self._schedule_seq(seq, group, 1, batch)
+                    budget.take(len(decodes), len(decodes))
             self._schedule_prefills(group, batch, budget)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: _Budget) -> None:
@@ -350,25 +313,6 @@ class Scheduler:
             self._start_running(group)
             self._schedule_prefills(group, batch, budget, admitted=True)
 
-    def _num_running_seqs(self) -> int:
-        # A running request of one sample and no beams runs exactly one sequence (it
-        # retires when that one finishes): only the others need counting.
-        return len(self.running) + sum(g.max_num_seqs - 1 for g in self._running_multi)
-
-    def _start_running(self, group: SequenceGroup) -> None:
-        group.status = Status.RUNNING
-        bisect.insort(self.running, group, key=lambda g: g.sort_key)
-        if group.params.n > 1 or group.beam is not None:
-            self._running_multi.add(group)
-
-    def _stop_running(self, group: SequenceGroup) -> None:
-        """Takes `group` out of `running`; the caller sets its new status."""
-        if self.running and self.running[-1] is group:  # a preemption victim: O(1)
-            self.running.pop()
-        else:
-            self.running.remove(group)
-        self._running_multi.discard(group)
-
     # ---- block manager calls ---------------------------------------------------------
     def _can_allocate(self, seqs: list[Sequence], group: SequenceGroup) -> bool:
         if len(seqs) == 1:
@@ -381,65 +325,43 @@ class Scheduler:
     def _allocate(self, seq: Sequence, group: SequenceGroup) -> None:
         cached = self.bm.allocate(seq.seq_id, seq.token_ids, group.cache_salt)
         seq.num_slots = seq.num_tokens
-        seq.cached_block_table = None
         seq.status = Status.RUNNING
         # The manager serves only computed blocks and always leaves the last token to
         # feed: its logits give the next token.
         seq.num_computed_tokens = cached
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += seq.num_computed_tokens
         group.metrics.events.append(PhaseEvent(
             "admitted", self.step_start, self.step_start,
             {"seq": seq.index, "uncached": seq.num_tokens - seq.num_computed_tokens}))
         if group.metrics.first_scheduled_time is None:
             group.metrics.num_cached_tokens = seq.num_computed_tokens
 
-    def _can_append(self, seqs: list[Sequence]) -> bool:
-        need = [s for s in seqs if s.num_slots < s.num_tokens]
-        if len(need) <= 1:
-            return not need or self.bm.can_append(need[0].seq_id)
-        # Samples of one request: count exactly the blocks their slots take. A full last
-        # block means a new block; a shared partial one a copy, except that the last
-        # of all its holders writes in place.
-        blocks = 0
-        sharers: dict[int, int] = {}
-        for seq in need:
-            if seq.num_slots % self.block_size == 0:
-                blocks += 1
-            else:
-                last = self.bm.block_table(seq.seq_id)[-1]
-                if self.bm.ref_count(last) > 1:
-                    sharers[last] = sharers.get(last, 0) + 1
-        for block, k in sharers.items():
-            blocks += k - 1 if k == self.bm.ref_count(block) else k
-        return self.bm.num_free_gpu_blocks >= blocks
-
     def _schedule_seq(self, seq: Sequence, group: SequenceGroup, num_tokens: int,
                       batch: ScheduledBatch) -> None:
+        """Feeds the next `num_tokens` of `seq`, whose slots are reserved (at admission,
+        or by _append_units for a decode)."""
         start = seq.num_computed_tokens
         end = start + num_tokens
-        while seq.num_slots < end:  # a decode: the last sampled token needs its slot
-            cow = self.bm.append_slot(seq.seq_id, seq.token_ids[seq.num_slots])
-            seq.num_slots += 1
-            seq.cached_block_table = None
-            if cow is not None:
-                batch.copies.append(tuple(cow))
+        assert seq.num_slots >= end, f"sequence {seq.seq_id} feeds tokens without slots"
         batch.work.append(self._work(seq, group, start, end))
 
-    def _work(self, seq: Sequence, group: SequenceGroup, start: int, end: int) -> SeqWork:
-        """Feeds token_ids[start:end], whose slots are reserved."""
+    def _work(self, seq: Sequence, group: SequenceGroup, start: int, end: int,
+              ahead: bool = False) -> SeqWork:
+        """Feeds token_ids[start:end], whose slots are reserved; `ahead`: feeds instead
+        the one token the previous step is still sampling (a placeholder the runner
+        replaces), and samples the one after it. Its block table is filled in when the
+        step is complete (fill_block_tables)."""
         if group.metrics.first_scheduled_time is None:
             group.metrics.first_scheduled_time = time.monotonic()
-        # A decode gains a block once every block_size steps: read the table only then.
-        table = seq.cached_block_table
-        if table is None:
-            table = seq.cached_block_table = self.bm.block_table(seq.seq_id)
+        num_out = len(seq.output_token_ids)
+        if ahead:
+            tokens, sample, num_out = [0], True, num_out + 1
+        else:
+            tokens, sample = seq.token_ids[start:end], end == len(seq.token_ids)
         # Positional: built for every sequence every step, and keyword arguments
         # double the cost of a dataclass's __init__. Fields in SeqWork's order.
         return SeqWork(
-            seq.seq_id, seq.token_ids[start:end], start, table,
-            end == len(seq.token_ids), seq.params, seq.prompt_token_ids,
-            seq.output_token_ids, len(seq.output_token_ids),
+            seq.seq_id, tokens, start, _NO_TABLE, sample, seq.params, seq.prompt_token_ids,
+            seq.output_token_ids, num_out,
             _NO_EOS if seq.params.ignore_eos else self.eos_token_ids, group.constraint)
 
     # ---- preemption ------------------------------------------------------------------
@@ -458,118 +380,3 @@ class Scheduler:
             # group: recompute costs compute again but never loses the request.
             self._preempt_by_recompute(group)
         group.metrics.num_preemptions += 1
-
-    def _preempt_by_recompute(self, group: SequenceGroup) -> None:
-        """Precondition: `group` is RUNNING, holds GPU blocks, is out of `running`.
-        Frees its blocks and requeues it ahead of every request that has not started
-        (its arrival is older); its tokens so far become the next prefill."""
-        for seq in group.live_seqs():
-            self.bm.free(seq.seq_id)
-            seq.reset_for_recompute()
-        group.status = Status.WAITING
-        bisect.insort(self.waiting, group, key=lambda g: g.sort_key)
-        self.num_preemptions["recompute"] += 1
-        group.metrics.events.append(PhaseEvent(
-            "preempted", self.step_start, self.step_start, {"mode": "recompute"}))
-
-    def _preempt_by_swap(self, group: SequenceGroup, batch: ScheduledBatch) -> None:
-        """Precondition: `group` is RUNNING, out of `running`, and
-        `bm.can_swap_out(its seq ids)` is True. Its blocks go to the CPU pool; the
-        runner copies them out before this step's forward reuses the GPU blocks."""
-        seqs = group.live_seqs()
-        mapping = [tuple(m) for m in self.bm.swap_out([s.seq_id for s in seqs])]
-        batch.swap_out.extend(mapping)
-        self.num_blocks_swapped_out += len(mapping)
-        for seq in seqs:
-            seq.status = Status.SWAPPED
-            seq.cached_block_table = None
-        group.status = Status.SWAPPED
-        bisect.insort(self.swapped, group, key=lambda g: g.sort_key)
-        self.num_preemptions["swap"] += 1
-        group.metrics.events.append(PhaseEvent(
-            "preempted", self.step_start, self.step_start, {"mode": "swap"}))
-        self._step_swaps.append((group, "swapped_out", len(mapping)))
-
-    # ---- after the forward -----------------------------------------------------------
-    def update(self, batch: ScheduledBatch,
-               results: list[SampleResult | None]) -> list[tuple[Sequence, SequenceGroup]]:
-        """Records what the forward computed and sampled; returns the sequences that got
-        a new token. The caller checks stops and calls finish_seq, except for beam
-        search requests (one entry per request that stepped), which stop themselves."""
-        assert len(results) == len(batch.work), "one result per scheduled sequence"
-        sampled = []
-        beam_groups: dict[str, SequenceGroup] = {}
-        computed_ids, computed_counts = [], []
-        named_ids, named_tokens = [], []  # placeholders of steps scheduled ahead
-        num_sampled = 0
-        now = time.monotonic()
-        for group, kind, blocks in self._step_swaps:  # the runner copied them in this step
-            group.metrics.events.append(PhaseEvent(kind, batch.scheduled_at, now, {"blocks": blocks}))
-        self._step_swaps.clear()
-        for work, result in zip(batch.work, results):
-            entry = self._seqs.get(work.seq_id)
-            if entry is None:
-                continue  # aborted since it was scheduled
-            seq, group = entry
-            seq.num_computed_tokens += len(work.token_ids)
-            computed_ids.append(seq.seq_id)
-            computed_counts.append(seq.num_computed_tokens)
-            if len(work.token_ids) > 1 or not work.sample:
-                self.num_prompt_tokens += len(work.token_ids)
-                group.metrics.events.append(PhaseEvent(
-                    "prefill_chunk", batch.scheduled_at, now,
-                    {"tokens": len(work.token_ids), "start": work.start_pos, "seq": seq.index,
-                     "sampled": work.sample}))
-            if not work.sample:
-                continue
-            assert result is not None, f"no sample for sequence {seq.seq_id}"
-            num_sampled += 1
-            if group.beam is not None:  # the search picks the tokens once every beam is in
-                seq.beam_candidates = result.beam_candidates
-                beam_groups[group.request_id] = group
-                continue
-            seq.append_token(result.token_id, result.logprob, result.top_logprobs)
-            if seq.placeholder_slot:
-                seq.placeholder_slot = False
-                named_ids.append(seq.seq_id)
-                named_tokens.append(result.token_id)
-            if group.metrics.first_token_time is None:
-                group.metrics.first_token_time = now
-            sampled.append((seq, group))
-            if len(group.seqs) < group.params.n:  # group.needs_fork, beams being out
-                self._fork(group, seq)
-        self.num_generation_tokens += num_sampled
-        if named_ids:
-            self.bm.set_last_tokens(named_ids, named_tokens)
-        # Full blocks whose KV this forward wrote become servable from the prefix cache.
-        self.bm.mark_computed(computed_ids, computed_counts)
-        for group in beam_groups.values():
-            # After a recompute the beams' prompts may end in different steps.
-            if all(s.beam_candidates is not None for s in group.live_seqs()):
-                try:
-                    beam_search.advance(self, group, self.max_model_len)
-                except Exception as exc:  # noqa: BLE001 - it belongs to this request alone
-                    self.fail_request(group, exc)
-                    continue
-                if group.metrics.first_token_time is None:
-                    group.metrics.first_token_time = now
-                sampled.append((group.seqs[0], group))
-        return sampled
-
-    def _fork(self, group: SequenceGroup, parent: Sequence) -> None:
-        """The other samples of a parallel-sampling request share the parent's prompt
-        blocks; each feeds the last prompt token again (rewriting the same K/V in the
-        shared slot) to sample its own first token with its own seed."""
-        prompt_len = len(group.prompt_token_ids)
-        for index in range(len(group.seqs), group.params.n):
-            params = group.params
-            if params.seed is not None:
-                params = params.clone(seed=derived_seed(params.seed, index))
-            child = Sequence(next(self._seq_ids), index, group.prompt_token_ids, params)
-            self.bm.fork(parent.seq_id, child.seq_id)
-            parent.cached_block_table = None  # its next append copies its shared last block
-            child.num_slots = prompt_len
-            child.num_computed_tokens = prompt_len - 1
-            child.status = Status.RUNNING
-            group.seqs.append(child)
-            self._seqs[child.seq_id] = (child, group)

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pagedserve.outputs import RequestMetrics
 from pagedserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedserve.engine.beam_search import BeamState
 
 
 class Status(enum.Enum):
@@ -52,9 +49,6 @@ class Sequence:
         # The last slot was reserved, with a placeholder token, for a token the GPU is
         # still sampling (a step scheduled ahead feeds it); update() names it.
         self.placeholder_slot = False
-        # BlockManager.block_table as last read, so a step need not read it again (a
-        # new list of ints); the scheduler clears it on every call that may change it.
-        self.cached_block_table: list[int] | None = None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.cumulative_logprob = 0.0
@@ -102,7 +96,6 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_slots = 0
         self.placeholder_slot = False
-        self.cached_block_table = None
         self.status = Status.WAITING
         self.beam_candidates = None  # its prefill will offer them again
 
@@ -129,7 +122,9 @@ class SequenceGroup:
         # Sample 0 exists from the start; the other n-1 are forked from it once the
         # prompt is in the cache, so the prompt is prefilled once and its blocks shared.
         self.seqs = [Sequence(first_seq_id, 0, prompt_token_ids, params)]
-        self.beam: BeamState | None = None  # set by the scheduler for beam_width > 1
+        # beam_search.BeamState, set by the scheduler for beam_width > 1 (not imported:
+        # beam_search reads sequences, and engine modules import in one direction).
+        self.beam: Any = None
         # Structured output: set by the engine once the grammar compiled (its matchers
         # mask the sampler's rows: structured.logits.RequestConstraint).
         self.constraint = None

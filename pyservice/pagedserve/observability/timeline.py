@@ -14,7 +14,7 @@ with async scheduling the next step is scheduled before this one's update); `now
 the time `Scheduler.update()` took after the forward, so [step_start, now] is the step
 that did the work.
 
-The scheduler's lines (pagedserve/engine/scheduler.py):
+The scheduler's lines (pagedserve/engine/scheduler.py and request_book.py):
 
   __init__            self.step_start = 0.0
                       self._step_swaps: list = []        # (group, kind, blocks), this step
