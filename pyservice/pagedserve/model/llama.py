@@ -181,7 +181,8 @@ class LlamaForCausalLM(nn.Module):
     def checkpoint_target(self, name: str) -> Target:
         """Where checkpoint tensor `name` goes: (parameter, index) or None (skipped).
         Separate q/k/v and gate/up tensors fill rows of our fused ones (Phi-3's are
-        fused already); per-expert tensors fill one expert of the stacked ones."""
+        fused already); per-expert tensors fill one expert of the stacked ones. Under
+        tensor parallelism also the part of the tensor this rank keeps (weights.Part)."""
         if "rotary_emb" in name:
             return None
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -215,6 +216,7 @@ class LlamaForCausalLM(nn.Module):
         return target, index, part
 
     def _modules_by_name(self) -> dict[str, nn.Module]:
+        """named_modules() once (asked for every checkpoint tensor); not a submodule."""
         if "_by_name" not in self.__dict__:
             self.__dict__["_by_name"] = dict(self.named_modules())
         return self.__dict__["_by_name"]
