@@ -37,8 +37,8 @@ class RequestFailedError(RuntimeError):
 @dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence: text, token ids and logprobs are everything so far, or
-    for a DELTA request only what is new (beam search: nothing until the end, then the
-    whole hypothesis, as its beams reorder and get replaced while it runs)."""
+    for a DELTA request only what is new (beam search: no completions until the end,
+    then whole hypotheses, as its beams reorder and get replaced while it runs)."""
 
     index: int
     text: str

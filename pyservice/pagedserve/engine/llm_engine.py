@@ -3,7 +3,8 @@ deltas or final only: each request's RequestOutputKind).
 
 Single-threaded: the async wrapper of the gRPC layer calls every method from one
 thread. One step = schedule (with the native block manager) -> the model runner's
-forward and sampling -> token bookkeeping -> stop checks, detokenization and outputs (OutputProcessor).
+forward and sampling -> token bookkeeping (scheduler) -> stop checks, detokenization
+and outputs (OutputProcessor).
 """
 
 from __future__ import annotations

@@ -134,27 +134,23 @@ class OutputProcessor:
 
     def _beam_output(self, group: SequenceGroup, kind: RequestOutputKind) -> RequestOutput:
         """The best `n` hypotheses by score once the search is over; while it runs, the
-        live beams best first (CUMULATIVE), or for DELTA their counts with no tokens yet:
-        beams reorder and get replaced, so their tokens go out whole at the end."""
+        live beams best first (CUMULATIVE), or for DELTA no completions: beams reorder
+        and get replaced, so their tokens go out whole at the end."""
+        completions = []
         if group.is_finished:
             done = group.beam.hypotheses[:group.params.n]
             items = [(h.token_ids, h.cumulative_logprob, h.logprobs, h.finish_reason,
                       h.stop_reason) for h in done]
-        else:
+        elif kind is CUMULATIVE:
             beams = sorted(group.live_seqs(), key=lambda s: -s.cumulative_logprob)
             items = [(s.output_token_ids, s.cumulative_logprob, s.logprobs, None, None)
                      for s in beams[:group.params.n]]
-        whole = group.is_finished or kind is CUMULATIVE
-        completions = []
+        else:
+            items = []
         for index, (tokens, cum, logprobs, reason, stop_reason) in enumerate(items):
-            if whole:
-                text, ids = self._text(group, tokens, reason), list(tokens)
-                logprobs = list(logprobs) if logprobs is not None else None
-            else:
-                text, ids = "", []
-                logprobs = [] if logprobs is not None else None
-            completions.append(CompletionOutput(index, text, ids, reason, cum, logprobs,
-                                                stop_reason, len(tokens)))
+            completions.append(CompletionOutput(
+                index, self._text(group, tokens, reason), list(tokens), reason, cum,
+                list(logprobs) if logprobs is not None else None, stop_reason, len(tokens)))
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
                              completions, group.is_finished, group.metrics)
 
