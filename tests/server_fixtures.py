@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from pagedserve.engine.stats import EngineStats
+from pagedserve.engine.stats import EngineStats, ServingStats
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from pagedserve.server.app import Server, start_engine
 from pagedserve.server.config import ServerConfig
@@ -56,7 +56,7 @@ class Serving:
         self.servers.append(server)
         return server
 
-    def stats(self) -> dict:
+    def stats(self) -> ServingStats:
         return self.loop.run(_on_loop(self.engine.stats))
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
