@@ -30,17 +30,12 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import platform
 import random
-import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
-# Not this directory: its kernels.py would shadow the `kernels` package transformers imports.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from pagedserve.config import EngineConfig  # noqa: E402
 from pagedserve.engine.batch import SampleResult  # noqa: E402

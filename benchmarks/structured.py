@@ -24,9 +24,7 @@ import platform
 import sys
 import time
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.join(_HERE, "..", "tests"))  # the schemas of the tests
 
 import torch  # noqa: E402
