@@ -138,8 +138,7 @@ def _one_run(args, engine: str, dtype: str, workload_file: str, condition: str) 
     python = sys.executable if engine == "pagedserve" else args.vllm_python
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
-    # -P: benchmarks/ off sys.path (its kernels.py would shadow a package of that name)
-    cmd = [python, "-P", os.path.abspath(__file__), "--child", engine, "--dtype", dtype,
+    cmd = [python, os.path.abspath(__file__), "--child", engine, "--dtype", dtype,
            "--model-dir", args.model_dir, "--workload", workload_file, "--result", result_file]
     # Each engine at its own defaults: no OpenMP settings inherited from this shell (or
     # set by a sitecustomize at the child's start-up, which the child undoes first).

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import bench, environment  # benchmarks/kernels.py
+from kernel_bench import bench, environment  # benchmarks/kernel_bench.py
 
 from pagedserve.ops import _cuda_layer_ops
 

@@ -106,8 +106,8 @@ def run_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict
     return {"steps": steps, "seconds": wall, "ms_per_step": 1e3 * wall / steps,
             "cpu_ms_per_step": 1e3 * cpu / steps,
             "gc_collections": gc_timer.count, "gc_ms_per_step": [1e3 * s / steps for s in gc_timer.seconds],
-            "generation_tokens": stats["generation_tokens"], "prompt_tokens": stats["prompt_tokens"],
-            "preemptions": stats["num_preemptions"]}
+            "generation_tokens": stats.generation_tokens, "prompt_tokens": stats.prompt_tokens,
+            "preemptions": stats.num_preemptions}
 
 
 def main() -> None:

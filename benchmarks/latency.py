@@ -175,7 +175,7 @@ def run_pagedserve_rate(engine, workload, arrivals: list[float], rate: float, ta
     stats = engine.stats()
     rep = rate_report(rate, records, len(workload), arrivals)
     rep.update({"queue_ms": summary([r["queue"] for r in records]), "max_waiting": max_waiting,
-                "steps": steps, "preemptions": stats["num_preemptions"] - before["num_preemptions"],
+                "steps": steps, "preemptions": stats.num_preemptions - before.num_preemptions,
                 "timing_source": "RequestOutput.metrics (first_token_time, finished_time)"})
     return rep
 

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 
 def _time(fn, repeats: int) -> float:

@@ -24,7 +24,7 @@ import json
 
 import torch
 
-from kernels import bench, environment
+from kernel_bench import bench, environment
 from pagedserve import ops
 from pagedserve.ops import _cuda_ops
 

@@ -143,7 +143,7 @@ void time_probe(KF kernel, const char *name, const uint4 *K, const uint4 *V, con
     return;
   }
   for (int i = 0; i < 3; ++i) launch();
-  // 10 launches per CUDA graph replay, as benchmarks/kernels.py times the decode
+  // 10 launches per CUDA graph replay, as benchmarks/kernel_bench.py times the decode
   cudaGraph_t g;
   cudaGraphExec_t ge;
   cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);

@@ -24,9 +24,7 @@ import platform
 import sys
 import time
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.join(_HERE, "..", "tests"))  # the schemas of the tests
 
 import torch  # noqa: E402
@@ -107,7 +105,7 @@ def throughput(llm, num_prompts: int, share: float, max_tokens: int) -> dict:
               SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, ignore_eos=True)
               for i in range(num_prompts)]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # compile cached, warm
-    steps = llm.engine.stats()["num_steps"]
+    steps = llm.engine.stats().num_steps
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -115,7 +113,7 @@ def throughput(llm, num_prompts: int, share: float, max_tokens: int) -> dict:
     assert tokens == num_prompts * max_tokens, "every request runs to max_tokens"
     assert all(o.outputs[0].text.startswith('"') for o in outs[:constrained])
     return {"constrained_pct": round(100 * share), "tokens_per_s": tokens / elapsed,
-            "seconds": elapsed, "steps": llm.engine.stats()["num_steps"] - steps}
+            "seconds": elapsed, "steps": llm.engine.stats().num_steps - steps}
 
 
 def compile_times(engine) -> list[dict]:

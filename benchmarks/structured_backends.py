@@ -14,13 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import time
-
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != os.path.dirname(os.path.abspath(__file__))]
 
 import torch
 

@@ -102,8 +102,8 @@ def run_pagedserve(llm: LLM, workload) -> tuple[dict, dict[int, list[int]]]:
     assert produced == sum(n for _, n in workload), "every request gets its tokens"
     runner_seconds = sum(t for _, _, t in steps)
     return {"seconds": seconds, "useful_tokens": produced, "tokens_per_s": produced / seconds,
-            "steps": stats["num_steps"] - before["num_steps"],
-            "preemptions": stats["num_preemptions"] - before["num_preemptions"],
+            "steps": stats.num_steps - before.num_steps,
+            "preemptions": stats.num_preemptions - before.num_preemptions,
             "steps_with_prefill": sum(1 for p, _, _ in steps if p),
             "seconds_in_steps_with_prefill": sum(t for p, _, t in steps if p),
             "seconds_in_decode_only_steps": sum(t for p, _, t in steps if not p),

@@ -116,8 +116,8 @@ def measure(engine, target: str, prompts, args) -> dict:
     wall = time.perf_counter() - start
     cpu = {k: v - cpu[k] for k, v in thread_cpu().items()}
     after = engine.engine_stats
-    steps = after["num_steps"] - before["num_steps"]
-    tokens = after["generation_tokens"] - before["generation_tokens"]
+    steps = after.num_steps - before.num_steps
+    tokens = after.generation_tokens - before.generation_tokens
     result = {"wall_s": wall, "steps": steps, "steps_per_s": steps / wall,
               "tokens_per_s": tokens / wall, "ms_per_step": 1000 * wall / steps}
     # Thread CPU time hardly moves when other programs take the cores; wall time does.

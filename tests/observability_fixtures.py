@@ -88,8 +88,8 @@ class ObservedServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.engine.engine_stats
-            if self.engine.num_in_flight == 0 and stats["num_running"] == 0 \
-                    and stats["num_waiting"] == 0 and stats["num_swapped"] == 0:
+            if self.engine.num_in_flight == 0 and stats.num_running == 0 \
+                    and stats.num_waiting == 0 and stats.num_swapped == 0:
                 return stats
             time.sleep(0.02)
         raise AssertionError(f"engine not idle after {timeout}s")

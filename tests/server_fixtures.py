@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedserve.engine.stats import EngineStats, ServingStats
+from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from pagedserve.server.app import Server, start_engine
 from pagedserve.server.config import ServerConfig
 
@@ -55,7 +56,7 @@ class Serving:
         self.servers.append(server)
         return server
 
-    def stats(self) -> dict:
+    def stats(self) -> ServingStats:
         return self.loop.run(_on_loop(self.engine.stats))
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
@@ -63,8 +64,8 @@ class Serving:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.stats()
-            if stats["num_in_flight"] == 0 and stats["num_running"] == 0 \
-                    and stats["num_waiting"] == 0 and stats.get("num_swapped", 0) == 0:
+            if stats.num_in_flight == 0 and stats.num_running == 0 \
+                    and stats.num_waiting == 0 and stats.num_swapped == 0:
                 return stats
             time.sleep(0.02)
         raise AssertionError(f"engine not idle after {timeout}s: {self.stats()}")
@@ -106,21 +107,22 @@ class ScriptedEngine:
         n = len(request["prompt"]) + len(request["out"])
         return -(-n // self.config.block_size)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         used = sum(self._blocks(r) for r in self.requests.values())
-        return {"num_running": len(self.requests), "num_waiting": 0, "num_swapped": 0,
-                "num_free_gpu_blocks": self.num_blocks - used,
-                "num_total_gpu_blocks": self.num_blocks,
-                "num_free_cpu_blocks": 0, "num_total_cpu_blocks": 0}
+        return EngineStats(num_running=len(self.requests), num_waiting=0, num_swapped=0,
+                           num_free_gpu_blocks=self.num_blocks - used,
+                           num_total_gpu_blocks=self.num_blocks,
+                           num_free_cpu_blocks=0, num_total_cpu_blocks=0)
 
-    def add_request(self, request_id, prompt, params, priority=0, cache_salt=0) -> None:
+    def add_request(self, request_id, prompt, params, priority=0, cache_salt=0,
+                    output_kind=RequestOutputKind.CUMULATIVE) -> None:
         if isinstance(prompt, str):
             prompt = [ord(c) % self.vocab_size for c in prompt]
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt)} tokens, max_model_len is "
                              f"{self.max_model_len}")
         self.requests[request_id] = {"prompt": list(prompt), "out": [], "params": params,
-                                     "arrival": time.monotonic()}
+                                     "arrival": time.monotonic(), "kind": output_kind}
 
     def abort_request(self, request_id) -> None:
         self.requests.pop(request_id, None)
@@ -138,9 +140,11 @@ class ScriptedEngine:
         for request_id, r in list(self.requests.items()):
             r["out"].append((sum(r["prompt"]) + len(r["out"])) % self.vocab_size)
             done = len(r["out"]) >= r["params"].max_tokens
-            text = "".join(chr(97 + t % 26) for t in r["out"])
-            completion = CompletionOutput(index=0, text=text, token_ids=list(r["out"]),
-                                          finish_reason="length" if done else None)
+            out = r["out"][-1:] if r["kind"] is RequestOutputKind.DELTA else r["out"]
+            text = "".join(chr(97 + t % 26) for t in out)
+            completion = CompletionOutput(index=0, text=text, token_ids=list(out),
+                                          finish_reason="length" if done else None,
+                                          num_tokens=len(r["out"]))
             now = time.monotonic()
             metrics = RequestMetrics(arrival_time=r["arrival"], first_scheduled_time=now,
                                      first_token_time=now, finished_time=now if done else None,

@@ -85,8 +85,8 @@ def test_outputs_equal_the_synchronous_engine_through_every_kind_of_stop(llm):
     assert ahead["stop-token"].outputs[0].finish_reason == "stop"
     assert ahead["stop-text"].outputs[0].finish_reason == "stop"
     stats = eng.stats()
-    assert stats["num_steps_scheduled_ahead"] > 0.5 * stats["num_steps"], stats
-    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"] and stats["num_running"] == 0
+    assert stats.num_steps_scheduled_ahead > 0.5 * stats.num_steps, stats
+    assert stats.num_free_gpu_blocks == stats.num_total_gpu_blocks and stats.num_running == 0
 
 
 def test_requests_arriving_mid_run(llm):
@@ -112,7 +112,7 @@ def test_requests_arriving_mid_run(llm):
     assert sync.keys() == ahead.keys() == {str(i) for i in range(len(PROMPTS))}
     for rid in sync:
         assert summary(ahead[rid]) == summary(sync[rid]), rid
-    assert eng.stats()["num_steps_scheduled_ahead"] > 0
+    assert eng.stats().num_steps_scheduled_ahead > 0
 
 
 def test_requests_that_need_the_host_are_scheduled_as_usual(llm):
@@ -126,7 +126,7 @@ def test_requests_that_need_the_host_are_scheduled_as_usual(llm):
     sync, ahead, eng = both(llm, requests)
     for rid in sync:
         assert summary(ahead[rid]) == summary(sync[rid]), rid
-    assert eng.stats()["num_steps_scheduled_ahead"] == 0
+    assert eng.stats().num_steps_scheduled_ahead == 0
 
 
 def test_a_parallel_sampling_request_beside_plain_ones(llm):
@@ -138,8 +138,8 @@ def test_a_parallel_sampling_request_beside_plain_ones(llm):
     for rid in sync:
         assert summary(ahead[rid]) == summary(sync[rid]), rid
     stats = eng.stats()
-    assert stats["num_steps_scheduled_ahead"] > 0  # once the n = 2 request is done
-    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
+    assert stats.num_steps_scheduled_ahead > 0  # once the n = 2 request is done
+    assert stats.num_free_gpu_blocks == stats.num_total_gpu_blocks
 
 
 def test_timeline_events_keep_the_time_their_step_was_scheduled(llm):
@@ -164,8 +164,8 @@ def test_an_abort_while_a_step_is_ahead_frees_everything(llm):
     for rid in ahead:
         assert summary(ahead[rid]) == summary(sync[rid]), rid
     stats = eng.stats()
-    assert stats["num_steps_scheduled_ahead"] > 0
-    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
+    assert stats.num_steps_scheduled_ahead > 0
+    assert stats.num_free_gpu_blocks == stats.num_total_gpu_blocks
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -177,8 +177,8 @@ def test_a_tiny_pool_preempts_and_changes_no_output(llm, mode):
     for rid in sync:
         assert summary(ahead[rid]) == summary(sync[rid]), rid
     stats = eng.stats()
-    assert stats["num_preemptions"] > 0 and stats["num_steps_scheduled_ahead"] > 0, stats
-    assert stats["num_free_gpu_blocks"] == 12
+    assert stats.num_preemptions > 0 and stats.num_steps_scheduled_ahead > 0, stats
+    assert stats.num_free_gpu_blocks == 12
 
 
 def test_blocks_filled_by_steps_ahead_are_cached_under_their_real_tokens(llm):

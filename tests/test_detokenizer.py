@@ -117,3 +117,22 @@ def test_visible_text_holds_back_possible_stop_prefix(tokenizer):
     assert detok.text == "abc ST"
     assert detok.visible_text(finished=False) == "ab"  # 4 chars held: len("STOP!") - 1
     assert detok.visible_text(finished=True) == "abc ST"
+
+
+@pytest.mark.parametrize("stop", [[], ["STOP!"], ["x"]])
+def test_taken_pieces_add_up_to_the_visible_text_at_every_step(tokenizer, stop):
+    ids = tokenizer.encode("abc STOP? no. 世界 ends STOP! here", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, [], stop)
+    shown = ""
+    for t in ids:
+        hit = detok.append(t)
+        finished = hit is not None
+        shown += detok.take(finished)
+        assert shown == detok.visible_text(finished)
+        if finished:
+            break
+    else:
+        detok.flush()
+        shown += detok.take(finished=True)
+    assert shown == detok.text
+    assert detok.take(finished=True) == ""  # nothing is handed out twice

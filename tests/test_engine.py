@@ -54,10 +54,10 @@ def llm():
 
 @pytest.fixture(scope="module")
 def greedy(llm):
-    before = llm.engine.stats()["num_steps"]
+    before = llm.engine.stats().num_steps
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     # One continuous batch: every prompt prefilled in the first step, then decodes.
-    assert llm.engine.stats()["num_steps"] - before == MAX_TOKENS
+    assert llm.engine.stats().num_steps - before == MAX_TOKENS
     return outs
 
 
@@ -137,17 +137,17 @@ def test_preemption_under_a_tiny_pool_changes_no_output(llm, greedy, mode):
     for rid, i in (("n2-a", 2), ("n2-b", 19)):
         assert [c.token_ids for c in done[rid].outputs] == [greedy[i].outputs[0].token_ids] * 2
     stats = eng.stats()
-    by_mode = stats["preemptions_by_mode"]
-    assert stats["num_preemptions"] >= 5, stats
-    assert sum(o.metrics.num_preemptions for o in done.values()) == stats["num_preemptions"]
+    by_mode = stats.preemptions_by_mode
+    assert stats.num_preemptions >= 5, stats
+    assert sum(o.metrics.num_preemptions for o in done.values()) == stats.num_preemptions
     if mode == "recompute":
         assert by_mode["swap"] == 0
     else:  # the parallel-sampling groups are swapped; auto recomputes the single ones
-        assert by_mode["swap"] > 0 and stats["blocks_swapped_out"] > 0
+        assert by_mode["swap"] > 0 and stats.blocks_swapped_out > 0
         assert (by_mode["recompute"] > 0) == (mode == "auto")
     # Swap-in copies at most what went out: blocks still cached on the GPU are reused.
-    assert 0 < stats["blocks_swapped_in"] <= stats["blocks_swapped_out"] or mode == "recompute"
-    assert stats["num_free_gpu_blocks"] == 10 and stats["num_running"] == 0
+    assert 0 < stats.blocks_swapped_in <= stats.blocks_swapped_out or mode == "recompute"
+    assert stats.num_free_gpu_blocks == 10 and stats.num_running == 0
 
 
 SEEDED = [SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=s, max_tokens=8)
@@ -170,7 +170,7 @@ def test_seeded_sampling_is_reproducible_across_runs_and_batches(llm):
     eng = engine(llm, num_kv_blocks=5, preemption_mode="recompute", max_num_batched_tokens=32)
     done = run(eng, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts * 2, SEEDED * 2))])
     assert [done[str(i)].outputs[0].token_ids for i in range(6)] == alone * 2
-    assert eng.stats()["num_preemptions"] > 0
+    assert eng.stats().num_preemptions > 0
     assert len({tuple(a) for a in alone}) == 3
 
 
@@ -266,14 +266,14 @@ def test_abort_frees_blocks_at_once_and_metrics_are_ordered(llm):
     eng.add_request("drop", PROMPTS[16], params)
     eng.step()
     eng.step()
-    used = 32 - eng.stats()["num_free_gpu_blocks"]
+    used = 32 - eng.stats().num_free_gpu_blocks
     eng.abort_request("drop")
     eng.abort_request("unknown")
     stats = eng.stats()
-    assert stats["num_running"] == 1 and 32 - stats["num_free_gpu_blocks"] < used
+    assert stats.num_running == 1 and 32 - stats.num_free_gpu_blocks < used
     done = run(eng, [])
     assert list(done) == ["keep"] and len(done["keep"].outputs[0].token_ids) == 6
     m = done["keep"].metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
     assert m.num_prompt_tokens == len(done["keep"].prompt_token_ids)
-    assert eng.stats()["num_free_gpu_blocks"] == 32
+    assert eng.stats().num_free_gpu_blocks == 32

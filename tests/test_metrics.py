@@ -12,15 +12,16 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pagedserve.engine.stats import EngineStats
 from pagedserve.observability.metrics import Metrics, RequestRecorder
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
-STATS = {
-    "num_running": 3, "num_waiting": 5, "num_swapped": 1, "gpu_kv_usage": 0.75,
-    "cpu_kv_usage": 0.125, "prefix_cache_queries": 400, "prefix_cache_hits": 96,
-    "preemptions_by_mode": {"swap": 2, "recompute": 7}, "blocks_swapped_out": 12,
-    "blocks_swapped_in": 9, "prompt_tokens": 1234, "generation_tokens": 999, "num_steps": 321,
-}
+STATS = EngineStats(
+    num_running=3, num_waiting=5, num_swapped=1, gpu_kv_usage=0.75,
+    cpu_kv_usage=0.125, prefix_cache_queries=400, prefix_cache_hits=96,
+    preemptions_by_mode={"swap": 2, "recompute": 7}, blocks_swapped_out=12,
+    blocks_swapped_in=9, prompt_tokens=1234, generation_tokens=999, num_steps=321,
+)
 
 
 def samples(text: str) -> dict:
@@ -172,7 +173,7 @@ def served():
 def test_scraped_counters_match_the_work_done(served):
     tokenizer = served.llm_engine.tokenizer
     before = scrape(served.metrics_port)
-    total_blocks = served.engine.engine_stats["num_total_gpu_blocks"]
+    total_blocks = served.engine.engine_stats.num_total_gpu_blocks
     # A stream, scraped while it runs: the gauges show it.
     stream = served.stub.StreamGenerate(_request(PROMPTS[0], max_tokens=24), timeout=120)
     streamed = [next(stream), next(stream)]

@@ -49,8 +49,8 @@ def run(eng: LLMEngine, requests) -> dict:
 
 def assert_pool_empty(eng: LLMEngine) -> None:
     stats = eng.stats()
-    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
-    assert stats["num_free_cpu_blocks"] == stats["num_total_cpu_blocks"]
+    assert stats.num_free_gpu_blocks == stats.num_total_gpu_blocks
+    assert stats.num_free_cpu_blocks == stats.num_total_cpu_blocks
     assert not eng.has_unfinished_requests()
 
 

@@ -90,5 +90,5 @@ def test_random_requests_never_hurt_the_server(serving, client, payload):
         assert code in ALLOWED, (code, err.details(), payload[:200])
     assert canary_text(client) == expected
     stats = serving.wait_idle(timeout=60)
-    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
-    assert stats["num_free_cpu_blocks"] == stats["num_total_cpu_blocks"]
+    assert stats.num_free_gpu_blocks == stats.num_total_gpu_blocks
+    assert stats.num_free_cpu_blocks == stats.num_total_cpu_blocks

@@ -95,8 +95,8 @@ def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
 
 
 def block_pool(stats: dict) -> tuple:
-    return (stats["num_free_gpu_blocks"], stats["num_free_cpu_blocks"], stats["num_running"],
-            stats["num_waiting"], stats["num_swapped"])
+    return (stats.num_free_gpu_blocks, stats.num_free_cpu_blocks, stats.num_running,
+            stats.num_waiting, stats.num_swapped)
 
 
 # ---- results match the offline API ---------------------------------------------
@@ -205,8 +205,8 @@ def test_cancelled_stream_frees_its_blocks(serving, client):
     got = [next(call), next(call)]
     assert all(m.token_ids for m in got)
     during = serving.stats()
-    assert during["num_running"] == 1 and during["num_free_gpu_blocks"] < \
-        before["num_free_gpu_blocks"]
+    assert during.num_running == 1 and during.num_free_gpu_blocks < \
+        before.num_free_gpu_blocks
     call.cancel()
     assert block_pool(serving.wait_idle()) == block_pool(before)
 
@@ -217,7 +217,7 @@ def test_expired_deadline_frees_its_blocks(serving, client, streaming):
     fn = client.stream_generate if streaming else client.generate
     err = rpc_error(fn, "Count slowly:", max_tokens=200, ignore_eos=True, timeout=1.0)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert serving.stats()["generation_tokens"] > before["generation_tokens"]  # it ran
+    assert serving.stats().generation_tokens > before.generation_tokens  # it ran
     assert block_pool(serving.wait_idle()) == block_pool(before)
 
 
@@ -271,7 +271,7 @@ def test_missing_input_and_far_oversized_messages(client):
 def test_health_is_serving_after_warmup(serving, client):
     assert health_status(client.channel) == SERVING_STATUS
     assert health_status(client.channel, SERVICE) == SERVING_STATUS
-    assert serving.stats()["generation_tokens"] >= 2  # the warm-up request ran
+    assert serving.stats().generation_tokens >= 2  # the warm-up request ran
 
 
 def test_not_serving_until_an_engine_is_attached():
@@ -396,7 +396,7 @@ def test_full_admission_queue_is_resource_exhausted():
                                    sampling=pb.SamplingParams(max_tokens=3)), timeout=30)
                 for i in range(2)]
             deadline = time.monotonic() + 10
-            while s.stats()["num_queued"] < 2 and time.monotonic() < deadline:
+            while s.stats().num_queued < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             err = rpc_error(c.generate, [9], max_tokens=3)
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -101,5 +101,5 @@ def test_prefix_sharing_reports_cached_prompt_tokens_per_request(llm):
     assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == \
         [r.outputs[0].token_ids for r in ref]
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
-    assert eng.stats()["prefix_cache_hits"] == second.metrics.num_cached_tokens + \
+    assert eng.stats().prefix_cache_hits == second.metrics.num_cached_tokens + \
         again.metrics.num_cached_tokens

@@ -229,9 +229,9 @@ def test_same_tokens_under_preemption_chunking_and_async_scheduling(llm, referen
     assert {rid: out.outputs[0].token_ids for rid, out in done.items()} == reference
     stats = eng.stats()
     if "preemption_mode" in overrides:
-        assert stats["preemptions_by_mode"][overrides["preemption_mode"]] > 0
+        assert stats.preemptions_by_mode[overrides["preemption_mode"]] > 0
     if overrides.get("async_scheduling"):
-        assert stats["num_steps_scheduled_ahead"] == 0  # never past a constraint
+        assert stats.num_steps_scheduled_ahead == 0  # never past a constraint
 
 
 def test_prefix_cache_hit_gives_the_same_output(llm):
@@ -339,11 +339,11 @@ def test_a_compiling_request_waits_without_holding_others(llm):
     greedy = SamplingParams(temperature=0.0, max_tokens=6)
     eng.add_request("constrained", "Pick one:", params(choice=CHOICES, seed=1))
     eng.add_request("plain", "The capital of France is", greedy)
-    assert eng.stats()["num_compiling"] == 1
+    assert eng.stats().num_compiling == 1
     finished = {}
     while "plain" not in finished:  # the plain request ends while the grammar compiles
         finished.update({o.request_id: o for o in eng.step() if o.finished})
-    assert "constrained" not in finished and eng.stats()["num_compiling"] == 1
+    assert "constrained" not in finished and eng.stats().num_compiling == 1
     release.set()
     while eng.has_unfinished_requests():
         finished.update({o.request_id: o for o in eng.step() if o.finished})

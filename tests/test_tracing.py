@@ -587,7 +587,7 @@ def test_preempted_requests_show_their_preemptions(mode, receiver, tmp_path):
         stats = s.wait_idle()
     finally:
         s.close()  # flushes the spans
-    assert sum(r.usage.preemptions for r in replies) == stats["preemptions_by_mode"][mode] > 0
+    assert sum(r.usage.preemptions for r in replies) == stats.preemptions_by_mode[mode] > 0
     for trace_id, reply in zip(trace_ids, replies):
         assert reply.usage.completion_tokens == 38
         spans = _trace(receiver, trace_id, lambda ss: any(x.name == "finish" for x in ss))

@@ -35,6 +35,8 @@ _EXPORTS = {
     "RequestOutput": "pagedserve.outputs",
     "CompletionOutput": "pagedserve.outputs",
     "RequestMetrics": "pagedserve.outputs",
+    "RequestOutputKind": "pagedserve.outputs",
+    "EngineStats": "pagedserve.engine.stats",
 }
 
 __all__ = list(_EXPORTS)
@@ -42,8 +44,9 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from pagedserve.config import EngineConfig
     from pagedserve.engine.llm_engine import LLMEngine
+    from pagedserve.engine.stats import EngineStats
     from pagedserve.llm import LLM
-    from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
     from pagedserve.sampling_params import SamplingParams
 
 

@@ -96,9 +96,9 @@ def _measure(args: argparse.Namespace, config, llm) -> int:
         "output_tokens_per_s": round(produced / seconds, 1),
         "total_tokens_per_s": round((produced + args.num_prompts * args.input_len) / seconds, 1),
         "median_time_to_first_token_s": round(statistics.median(ttft), 4) if ttft else None,
-        "steps": after["num_steps"] - before["num_steps"],
-        "preemptions": after["num_preemptions"] - before["num_preemptions"],
-        "kv_pool_blocks": after["num_total_gpu_blocks"],
+        "steps": after.num_steps - before.num_steps,
+        "preemptions": after.num_preemptions - before.num_preemptions,
+        "kv_pool_blocks": after.num_total_gpu_blocks,
     }
     if args.json:
         print(json.dumps(result))

@@ -9,7 +9,7 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.outputs import RequestFailedError, RequestOutput
+from pagedserve.outputs import RequestFailedError, RequestOutput, RequestOutputKind
 from pagedserve.sampling_params import SamplingParams
 
 Prompt = str | list[int] | list[dict]
@@ -70,7 +70,9 @@ class LLM:
         try:
             for prompt, p, prio in zip(prompts, params, priorities):
                 request_id = f"llm-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, p, priority=prio)
+                # Only the final results are read: no per-step outputs to build.
+                self.engine.add_request(request_id, prompt, p, priority=prio,
+                                        output_kind=RequestOutputKind.FINAL_ONLY)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:  # all or nothing

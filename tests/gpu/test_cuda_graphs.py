@@ -151,4 +151,4 @@ def test_engine_uses_graphs_for_decode_steps(model_dir):
                         SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [12] * 10
     # Every step after the single prefill step is decode-only.
-    assert engine.runner.graphs.num_replays == engine.stats()["num_steps"] - 1 == 11
+    assert engine.runner.graphs.num_replays == engine.stats().num_steps - 1 == 11

@@ -36,7 +36,7 @@ def run(model_dir, **kwargs):
 @pytest.fixture(scope="module")
 def unconstrained(model_dir):
     tokens, stats = run(model_dir, num_kv_blocks=1024)
-    assert stats["num_preemptions"] == 0
+    assert stats.num_preemptions == 0
     return tokens
 
 
@@ -45,14 +45,14 @@ def test_preemption_on_gpu_changes_no_token(model_dir, unconstrained, mode):
     """`auto` on a GPU swaps, single sequences included (every request here is one)."""
     tokens, stats = run(model_dir, num_kv_blocks=40, preemption_mode=mode, swap_space_gb=0.05)
     applied = "swap" if mode == "auto" else mode
-    assert stats["preemptions_by_mode"][applied] > 0
+    assert stats.preemptions_by_mode[applied] > 0
     if mode == "auto":  # exactly what `swap` does
         _, swap_stats = run(model_dir, num_kv_blocks=40, preemption_mode="swap", swap_space_gb=0.05)
-        assert stats["preemptions_by_mode"] == swap_stats["preemptions_by_mode"]
+        assert stats.preemptions_by_mode == swap_stats.preemptions_by_mode
     if applied == "swap":
-        assert stats["blocks_swapped_out"] > 0 and stats["blocks_swapped_in"] > 0
+        assert stats.blocks_swapped_out > 0 and stats.blocks_swapped_in > 0
     assert tokens == unconstrained
-    assert stats["num_free_gpu_blocks"] == stats["num_total_gpu_blocks"]
+    assert stats.num_free_gpu_blocks == stats.num_total_gpu_blocks
     assert torch.cuda.is_available()
 
 
@@ -61,7 +61,7 @@ def test_async_scheduling_changes_no_token(model_dir, unconstrained):
     device (through the CUDA graphs' input buffer): the tokens equal a synchronous run's,
     also when requests end early on a stop token (their step ahead is wasted)."""
     tokens, stats = run(model_dir, num_kv_blocks=1024, async_scheduling=False)
-    assert stats["num_steps_scheduled_ahead"] == 0
+    assert stats.num_steps_scheduled_ahead == 0
     assert tokens == unconstrained
     stops = [SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[t[5 + i % 7]])
              for i, t in enumerate(unconstrained)]
@@ -71,6 +71,6 @@ def test_async_scheduling_changes_no_token(model_dir, unconstrained):
                   num_kv_blocks=1024, async_scheduling=ahead)
         outs[ahead] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, stops, use_tqdm=False)]
         if ahead:
-            assert llm.engine.stats()["num_steps_scheduled_ahead"] > 0
+            assert llm.engine.stats().num_steps_scheduled_ahead > 0
     assert outs[True] == outs[False]
     assert any(len(t) < 48 for t in outs[True])

@@ -7,6 +7,11 @@ without its left neighbour. So each step decodes a short window that starts a fe
 tokens back (`prefix_offset`) and emits only the text past what that window's
 older part (`prefix_offset:read_offset`) already produced; while the window ends in
 an incomplete character, nothing is emitted and the tokens wait for the next one.
+
+Every step costs O(new text), whatever the length so far: the text is kept as settled
+pieces plus a short tail, the last `max stop length - 1` characters, which is all a
+stop string found later can reach back into (a cut never takes settled text back).
+`take` hands out the text settled since its previous call.
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(context)
         self._stop = list(stop)
         self._max_stop_len = max((len(s) for s in stop), default=0)
-        self.text = ""
+        self._held_back = max(0, self._max_stop_len - 1)
+        self._pieces: list[str] = []  # settled text: no stop string can cut it
+        self._num_taken = 0  # pieces handed out by take()
+        self._tail = ""  # the unsettled end of the text, at most _held_back characters
+
+    @property
+    def text(self) -> str:
+        """Everything so far (O(length): for tests and whole results, not per step)."""
+        return "".join(self._pieces) + self._tail
 
     def _decode(self, ids: list[int]) -> str:
         # No space clean-up: it looks across token boundaries, so it is not incremental.
@@ -58,23 +71,44 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
         if not delta:
             return None
-        old_len = len(self.text)
-        self.text += delta
-        return self._cut_at_stop(old_len) if check_stop else None
+        text = self._tail + delta
+        hit = None
+        if check_stop and self._stop:
+            # A stop string may begin in the tail and end in the new delta; the tail is
+            # at most max_stop_len - 1 characters, so it cannot lie wholly in the tail.
+            hit, text = self._cut_at_stop(text)
+        self._settle(text)
+        return hit
 
-    def _cut_at_stop(self, old_len: int) -> str | None:
-        if not self._stop:
-            return None
-        # A stop string may begin in text emitted earlier and end in the new delta.
-        start = max(0, old_len - self._max_stop_len + 1)
+    def _cut_at_stop(self, text: str) -> tuple[str | None, str]:
         best_at, best = -1, None
         for s in self._stop:
-            at = self.text.find(s, start)
+            at = text.find(s)
             if at != -1 and (best is None or at < best_at):
                 best_at, best = at, s
         if best is not None:
-            self.text = self.text[:best_at]
-        return best
+            text = text[:best_at]
+        return best, text
+
+    def _settle(self, text: str) -> None:
+        """Everything but the last `_held_back` characters of `text` becomes settled."""
+        keep = self._held_back
+        if len(text) > keep:
+            cut = len(text) - keep
+            self._pieces.append(text[:cut])
+            text = text[cut:]
+        self._tail = text
+
+    def take(self, finished: bool) -> str:
+        """The text safe to show that no earlier call returned: while running, the tail
+        that could still turn out to be the start of a stop string is held back, so
+        streamed text is never taken back. O(returned text)."""
+        if finished and self._tail:
+            self._pieces.append(self._tail)
+            self._tail = ""
+        new = self._pieces[self._num_taken:]
+        self._num_taken = len(self._pieces)
+        return new[0] if len(new) == 1 else "".join(new)
 
     def visible_text(self, finished: bool) -> str:
         """Text safe to show now: while running, the tail that could still turn out to be

@@ -1,8 +1,10 @@
-"""LLMEngine: requests in, one scheduler iteration per step(), cumulative outputs out.
+"""LLMEngine: requests in, one scheduler iteration per step(), outputs out (cumulative,
+deltas or final only: each request's RequestOutputKind).
 
 Single-threaded: the async wrapper of the gRPC layer calls every method from one
 thread. One step = schedule (with the native block manager) -> the model runner's
-forward and sampling -> token bookkeeping, stop checks and detokenization here.
+forward and sampling -> token bookkeeping (scheduler) -> stop checks, detokenization
+and outputs (OutputProcessor).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import weakref
 from typing import Any
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.prompt import PromptTokenizer, TokenizedPrompt
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.sequence import Sequence, SequenceGroup
-from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedserve.engine.stats import EngineStats
+from pagedserve.outputs import RequestMetrics, RequestOutput, RequestOutputKind
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured.admission import StructuredOutputs
 from pagedserve.structured.backend import XGrammarBackend
@@ -66,7 +69,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, preemption_mode=config.scheduler_preemption_mode,
             eos_token_ids=self.eos_token_ids)
-        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         # Requests with a constraint wait here until it compiled (off the step loop).
         self.structured = StructuredOutputs(
             lambda: XGrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids),
@@ -81,10 +84,12 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict] | TokenizedPrompt,
-                    params: SamplingParams, priority: int = 0, cache_salt: int = 0) -> None:
+                    params: SamplingParams, priority: int = 0, cache_salt: int = 0,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         """Queues a request; bad input raises ValueError naming the field. `cache_salt`:
         prompts hash under it in the prefix cache, so only requests with the same salt
-        share cached blocks (one per tenant: see pagedserve.server.tenancy)."""
+        share cached blocks (one per tenant: see pagedserve.server.tenancy).
+        `output_kind`: what step() hands back for it (see RequestOutputKind)."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if not isinstance(params, SamplingParams):
@@ -94,11 +99,14 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer and this model has none; "
                              "use stop_token_ids")
+        if not isinstance(output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {output_kind!r}")
         prompt = self.prompts(prompt)
         spec = params.constraint
         if spec is None:
             self.scheduler.add_request(request_id, prompt.text, prompt.token_ids, params,
                                        priority, cache_salt=cache_salt)
+            self.outputs.add(request_id, output_kind)
             return
         if self.tokenizer is None:
             raise ValueError(f"{spec.kind}: structured output needs a tokenizer and this "
@@ -107,6 +115,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         args = (prompt.text, prompt.token_ids, params, priority)
         constraint = self.structured.add(request_id, spec, (args, cache_salt))
+        self.outputs.add(request_id, output_kind)
         if constraint is not None:  # compiled before (the cache)
             self._add_constrained(request_id, (args, cache_salt), constraint)
 
@@ -124,10 +133,13 @@ class LLMEngine:
                 self._add_constrained(request_id, args, constraint)
             except ValueError as exc:  # e.g. it cannot fit the KV cache
                 self.structured.reject(request_id, args, exc)
+        rejected = self.structured.take_rejected()
+        for request_id, *_ in rejected:
+            self.outputs.drop(request_id)
         return [RequestOutput(request_id, text, token_ids, [], True,
                               RequestMetrics(arrival, num_prompt_tokens=len(token_ids)), error)
                 for request_id, ((text, token_ids, _, _), _), arrival, error
-                in self.structured.take_rejected()]
+                in rejected]
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self.prompts.apply_chat_template(messages)
@@ -136,14 +148,11 @@ class LLMEngine:
         """Ends the request now and frees its blocks; unknown ids are ignored (it may
         have just finished)."""
         if self.structured.discard(request_id):
+            self.outputs.drop(request_id)
             return
         group = self.scheduler.abort_request(request_id)
         if group is not None:
-            self._forget(group)
-
-    def _forget(self, group: SequenceGroup) -> None:
-        for seq in group.seqs:
-            self._detokenizers.pop(seq.seq_id, None)
+            self.outputs.forget(group)
 
     def shutdown(self) -> None:
         """Releases what outlives the engine object: the tensor-parallel workers
@@ -190,12 +199,14 @@ class LLMEngine:
         for group in progressed.values():
             if group.error is None:
                 try:
-                    outputs.append(self._output(group))
+                    output = self.outputs.output(group)
+                    if output is not None:
+                        outputs.append(output)
                     continue
                 except Exception as exc:  # noqa: BLE001
                     self.scheduler.fail_request(group, exc)
         for group in self.scheduler.take_failed():
-            self._forget(group)
+            self.outputs.forget(group)
             outputs.append(RequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
                                          [], True, group.metrics, group.error))
         return outputs
@@ -215,120 +226,13 @@ class LLMEngine:
         return batch, pending.results()
 
     def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
-        params = seq.params
-        token = seq.output_token_ids[-1]
-        num_out = len(seq.output_token_ids)
-        can_stop = num_out >= params.min_tokens
-        reason, stop_reason = None, None
-        if can_stop and not params.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"  # EOS: in token_ids, not in the text
-        elif can_stop and token in params.stop_token_set:
-            reason, stop_reason = "stop", token
-        elif self.tokenizer is not None:
-            hit = self._detokenizer(seq).append(token, check_stop=can_stop)
-            if hit is not None:
-                reason, stop_reason = "stop", hit
-        if reason is None and (num_out >= params.max_tokens
-                               or len(seq.token_ids) >= self.max_model_len):
-            reason = "length"
-        if reason is None:
-            return
-        if self.tokenizer is not None and (stop_reason is None or isinstance(stop_reason, int)):
-            hit = self._detokenizer(seq).flush()  # a character cut short shows as U+FFFD
-            if hit is not None:
-                reason, stop_reason = "stop", hit
-        self.scheduler.finish_seq(seq, reason, stop_reason)
-
-    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
-        """Only with a tokenizer: without one, outputs carry token ids and no text."""
-        detok = self._detokenizers.get(seq.seq_id)
-        if detok is None:
-            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
-            self._detokenizers[seq.seq_id] = detok
-        return detok
-
-    def _output(self, group: SequenceGroup) -> RequestOutput:
-        """The request's cumulative output, in new lists: what a caller keeps from one
-        step does not change under it in the next. Built for every request that
-        progressed, every step: arguments are positional (in the fields' order), as
-        keyword ones double the cost of a dataclass's __init__."""
-        if group.beam is not None:
-            return self._beam_output(group)
-        finished = group.is_finished
-        completions = []
-        for seq in group.seqs:
-            detok = self._detokenizers.get(seq.seq_id)
-            text = detok.visible_text(seq.is_finished) if detok else ""
-            logprobs = None if seq.logprobs is None else list(seq.logprobs)
-            completions.append(CompletionOutput(
-                seq.index, text, list(seq.output_token_ids), seq.finish_reason,
-                seq.cumulative_logprob, logprobs, seq.stop_reason))
-        if finished:
-            for seq in group.seqs:
-                self._detokenizers.pop(seq.seq_id, None)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids,
-                             completions, finished, group.metrics)
-
-    def _beam_output(self, group: SequenceGroup) -> RequestOutput:
-        """The best `n` hypotheses by score once the search is over; while it runs, the
-        live beams best first (the gRPC layer sends beam results whole at the end)."""
-        if group.is_finished:
-            done = group.beam.hypotheses[:group.params.n]
-            items = [(h.token_ids, h.cumulative_logprob, h.logprobs, h.finish_reason,
-                      h.stop_reason) for h in done]
-        else:
-            beams = sorted(group.live_seqs(), key=lambda s: -s.cumulative_logprob)
-            items = [(s.output_token_ids, s.cumulative_logprob, s.logprobs, None, None)
-                     for s in beams[:group.params.n]]
-        completions = []
-        for index, (tokens, cum, logprobs, reason, stop_reason) in enumerate(items):
-            completions.append(CompletionOutput(
-                index=index, text=self._text(group, tokens, reason), token_ids=list(tokens),
-                finish_reason=reason, cumulative_logprob=cum,
-                logprobs=list(logprobs) if logprobs is not None else None,
-                stop_reason=stop_reason))
-        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
-                             prompt_token_ids=group.prompt_token_ids, outputs=completions,
-                             finished=group.is_finished, metrics=group.metrics)
-
-    def _text(self, group: SequenceGroup, tokens: list[int], reason: str | None) -> str:
-        if self.tokenizer is None:
-            return ""
-        # The stop token that ended a hypothesis is in its token ids, not in its text.
-        if reason == "stop":
-            tokens = tokens[:-1]
-        detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, [])
-        for token in tokens:
-            detok.append(token)
-        detok.flush()
-        return detok.text
+        stop = self.outputs.check_stop(seq)
+        if stop is not None:
+            self.scheduler.finish_seq(seq, *stop)
 
     # ---- introspection -----------------------------------------------------------
-    def stats(self) -> dict:
-        s, bm = self.scheduler, self.block_manager
-        return {
-            "num_running": len(s.running),
-            "num_waiting": len(s.waiting) + self.structured.num_waiting,
-            "num_compiling": self.structured.num_waiting,
-            "num_swapped": len(s.swapped),
-            "gpu_kv_usage": bm.usage,
-            "cpu_kv_usage": 1.0 - bm.num_free_cpu_blocks / max(bm.num_cpu_blocks, 1),
-            "num_free_gpu_blocks": bm.num_free_gpu_blocks,
-            "num_total_gpu_blocks": bm.num_gpu_blocks,
-            "num_free_cpu_blocks": bm.num_free_cpu_blocks,
-            "num_total_cpu_blocks": bm.num_cpu_blocks,
-            "num_cached_blocks": bm.num_cached_blocks,
-            "prefix_cache_queries": s.prefix_cache_queries,
-            "prefix_cache_hits": s.prefix_cache_hits,
-            "preemptions_by_mode": dict(s.num_preemptions),
-            "num_preemptions": sum(s.num_preemptions.values()),
-            "blocks_swapped_out": s.num_blocks_swapped_out,
-            "blocks_swapped_in": s.num_blocks_swapped_in,
-            "prompt_tokens": s.num_prompt_tokens,
-            "generation_tokens": s.num_generation_tokens,
-            "num_steps": s.num_steps,
-            "num_steps_scheduled_ahead": s.num_steps_ahead,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats.of(self.scheduler, self.block_manager, self.structured.num_waiting)
 
 
 def _has_work(batch: Any) -> bool:

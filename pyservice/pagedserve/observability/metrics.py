@@ -17,6 +17,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pagedserve.engine.stats import EngineStats
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9464
@@ -31,12 +33,12 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
 class EngineCollector:
     """Gauges and counters read from the engine's stats on every scrape.
 
-    `stats` returns the dict of LLMEngine.stats() as of the engine's last step (or None
-    while the model loads); it is called on the HTTP server's thread, so it must only
-    hand over a snapshot, never reach into the engine.
+    `stats` returns LLMEngine.stats() (an EngineStats) as of the engine's last step (or
+    None while the model loads); it is called on the HTTP server's thread, so it must
+    only hand over a snapshot, never reach into the engine.
     """
 
-    def __init__(self, stats: Callable[[], dict | None] | None = None) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None] | None = None) -> None:
         self.stats = stats
 
     def describe(self):
@@ -44,38 +46,38 @@ class EngineCollector:
 
     def collect(self):
         stats = self.stats() if self.stats is not None else None
-        if not stats:
+        if stats is None:
             return
         yield _gauge("num_requests_running", "Requests whose KV cache is on the GPU "
-                     "(prefilling or decoding).", stats.get("num_running", 0))
+                     "(prefilling or decoding).", stats.num_running)
         yield _gauge("num_requests_waiting", "Requests queued for admission, including "
-                     "those preempted by recompute.", stats.get("num_waiting", 0))
+                     "those preempted by recompute.", stats.num_waiting)
         yield _gauge("num_requests_swapped", "Requests preempted to the CPU swap pool.",
-                     stats.get("num_swapped", 0))
+                     stats.num_swapped)
         yield _gauge("kv_cache_usage_perc", "Fraction of GPU KV-cache blocks in use "
-                     "(0 to 1).", stats.get("gpu_kv_usage", 0.0))
+                     "(0 to 1).", stats.gpu_kv_usage)
         yield _gauge("swap_space_usage_perc", "Fraction of CPU swap-pool blocks in use "
-                     "(0 to 1).", stats.get("cpu_kv_usage", 0.0))
+                     "(0 to 1).", stats.cpu_kv_usage)
         yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                       stats.get("prefix_cache_queries", 0))
+                       stats.prefix_cache_queries)
         yield _counter("prefix_cache_hits", "Prompt tokens found computed in the prefix "
-                       "cache.", stats.get("prefix_cache_hits", 0))
+                       "cache.", stats.prefix_cache_hits)
         preemptions = CounterMetricFamily(
             "pagedserve:num_preemptions", "Requests preempted, by mode.", labels=["mode"])
-        for mode, n in sorted(stats.get("preemptions_by_mode", {}).items()):
+        for mode, n in sorted(stats.preemptions_by_mode.items()):
             preemptions.add_metric([mode], n)
         yield preemptions
         swapped = CounterMetricFamily(
             "pagedserve:swapped_blocks", "KV-cache blocks copied between the GPU pool and "
             "the CPU swap pool.", labels=["direction"])
-        swapped.add_metric(["out"], stats.get("blocks_swapped_out", 0))
-        swapped.add_metric(["in"], stats.get("blocks_swapped_in", 0))
+        swapped.add_metric(["out"], stats.blocks_swapped_out)
+        swapped.add_metric(["in"], stats.blocks_swapped_in)
         yield swapped
         yield _counter("engine_steps", "Engine iterations (schedule, forward, sample) run.",
-                       stats.get("num_steps", 0))
+                       stats.num_steps)
         yield _counter("prefill_computed_tokens", "Tokens run through prefill forwards: "
                        "prompts less prefix-cache hits, plus recomputed histories.",
-                       stats.get("prompt_tokens", 0))
+                       stats.prompt_tokens)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -143,7 +145,7 @@ class Metrics:
             self.requests_finished.labels(reason, *labels)
         return RequestSeries(self, labels)
 
-    def attach_engine(self, stats: Callable[[], dict | None]) -> None:
+    def attach_engine(self, stats: Callable[[], EngineStats | None]) -> None:
         self.engine.stats = stats
 
     def serve(self, port: int = DEFAULT_PORT, host: str = "0.0.0.0") -> int:
@@ -185,8 +187,9 @@ class RequestSeries:
 
 
 class RequestRecorder:
-    """Per-request bookkeeping as its cumulative outputs go by: token counters move as
-    tokens appear, histograms and the finish counter once at the end."""
+    """Per-request bookkeeping as its outputs go by (of any RequestOutputKind: counts
+    come from each completion's cumulative `num_tokens`): token counters move as tokens
+    appear, histograms and the finish counter once at the end."""
 
     def __init__(self, metrics: Metrics, tenant: str | None = None) -> None:
         self.metrics = metrics.for_tenant(tenant)
@@ -204,7 +207,7 @@ class RequestRecorder:
                 m.queue_time.observe(max(0.0, t.first_scheduled_time - t.arrival_time))
             if t.first_token_time is not None:
                 m.time_to_first_token.observe(max(0.0, t.first_token_time - t.arrival_time))
-        generated = sum(len(c.token_ids) for c in output.outputs)
+        generated = sum(c.num_tokens for c in output.outputs)
         if generated > self.num_generated:
             m.generation_tokens.inc(generated - self.num_generated)
             self.num_generated = generated
@@ -226,7 +229,7 @@ class RequestRecorder:
         if t.finished_time is None:
             return
         m.e2e_latency.observe(max(0.0, t.finished_time - t.arrival_time))
-        longest = max((len(c.token_ids) for c in output.outputs), default=0)
+        longest = max((c.num_tokens for c in output.outputs), default=0)
         if t.first_token_time is not None and longest > 1:
             m.time_per_output_token.observe(
                 max(0.0, t.finished_time - t.first_token_time) / (longest - 1))

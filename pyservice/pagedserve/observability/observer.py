@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from pagedserve.engine.stats import EngineStats
 from pagedserve.observability.metrics import Metrics, RequestRecorder
 from pagedserve.observability.spans import emit_request_spans
 from pagedserve.observability.tracing import Tracing, current_rpc_span
@@ -46,7 +47,7 @@ class Observability:
         """Server interceptors to put first in the chain (the RPC span)."""
         return [self.tracing.interceptor()] if self.tracing is not None else []
 
-    def attach_engine(self, stats: Callable[[], dict | None]) -> None:
+    def attach_engine(self, stats: Callable[[], EngineStats | None]) -> None:
         """`stats`: the engine's latest stats snapshot, safe to call from any thread."""
         if self.metrics is not None:
             self.metrics.attach_engine(stats)

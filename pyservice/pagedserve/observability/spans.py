@@ -44,7 +44,7 @@ def request_attributes(output, params, model: str, reasons: list[str]) -> dict:
         "gen_ai.request.temperature": float(params.temperature),
         "gen_ai.request.top_p": float(params.top_p),
         "gen_ai.usage.input_tokens": len(output.prompt_token_ids),
-        "gen_ai.usage.output_tokens": sum(len(c.token_ids) for c in output.outputs),
+        "gen_ai.usage.output_tokens": sum(c.num_tokens for c in output.outputs),
         "gen_ai.usage.cache_read.input_tokens": m.num_cached_tokens,
         "gen_ai.response.finish_reasons": reasons,
         "pagedserve.prefix_cache.hit_tokens": m.num_cached_tokens,

@@ -51,7 +51,7 @@ def tc_split(ctas: int, max_context: int, target: int) -> tuple[int, int]:
     and per-CTA start and finish: split a batch of fewer than `target` CTAs (one per
     SM) into the most partitions that stay within it; where that leaves more than a
     third of the SMs idle, into the fewest that occupy them all (H100,
-    benchmarks/kernels.py: 1 x 32768 in 128 CTAs 52.0 us, 96 52.6, 136 53.3, 256
+    benchmarks/kernel_bench.py: 1 x 32768 in 128 CTAs 52.0 us, 96 52.6, 136 53.3, 256
     54.0, 512 60.6; 16 x 16384 unsplit in 128 CTAs 354 us, in 256 361)."""
     if ctas >= target or max_context <= MIN_PART_TOKENS:
         return max(max_context, 1), 1

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagedserve.engine.stats import EngineStats
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.async_engine import AsyncEngine, RequestAbortedError
 from pagedserve.server.config import ConfigError, ServerConfig
@@ -71,15 +72,15 @@ def check_listen_address(host: str, port: int, what: str = "gRPC") -> None:
     raise ConfigError(f"cannot listen on {host}:{port} for {what}: {reason}")
 
 
-def model_info(engine: Any, stats: dict) -> pb.ModelInfo:
+def model_info(engine: Any, stats: EngineStats) -> pb.ModelInfo:
     """What GetModelInfo answers, read once from the loaded LLMEngine and its stats
     (the AsyncEngine's copy: the engine itself belongs to its thread)."""
     config = engine.config
     return pb.ModelInfo(
         model=str(engine.model_name), max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size, block_size=config.block_size,
-        num_gpu_blocks=stats.get("num_total_gpu_blocks", 0),
-        num_cpu_blocks=stats.get("num_total_cpu_blocks", 0),
+        num_gpu_blocks=stats.num_total_gpu_blocks,
+        num_cpu_blocks=stats.num_total_cpu_blocks,
         device=str(getattr(config, "device", "")), dtype=str(getattr(config, "dtype", "")))
 
 

@@ -4,9 +4,10 @@ The engine is not thread-safe, so one thread owns it: every call into it (add, a
 step, stats) happens on that thread. The event loop talks to it through a command
 queue and gets results back through `loop.call_soon_threadsafe`, once per step.
 
-Each request gets a `RequestStream`. Because RequestOutput is cumulative, a stream
-keeps only the newest output: a slow reader skips intermediate states instead of
-piling them up, and memory per request stays bounded.
+Each request gets a `RequestStream` that folds the outputs its reader has not read yet
+into one (RequestOutput.add): for a cumulative request the newest replaces the rest, for
+a DELTA request the deltas are appended. A slow reader gets one output holding all it
+missed, and a stream holds no more than what its reader has not read.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
-from dataclasses import fields, replace
 from typing import Any
 
-from pagedserve.outputs import RequestFailedError, RequestOutput
+from pagedserve.engine.stats import EngineStats, ServingStats
+from pagedserve.outputs import RequestFailedError, RequestOutput, RequestOutputKind
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,19 +53,26 @@ class RequestAbortedError(RuntimeError):
 
 
 class RequestStream:
-    """Async iterator over one request's cumulative outputs; ends after the final one."""
+    """Async iterator over one request's outputs (of its RequestOutputKind); ends after
+    the final one."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str,
+                 output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         self.request_id = request_id
+        self.output_kind = output_kind
         self.started = False  # an output has arrived, so the request left the queue
         self.aborting = False  # abort sent; the id stays taken until the engine confirms
         self.finished = False
-        self._latest: RequestOutput | None = None
+        self._unread: RequestOutput | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
 
     def _put(self, output: RequestOutput) -> None:
-        self._latest = output
+        """`output` becomes this stream's: the caller keeps no reference to it."""
+        if self._unread is None:
+            self._unread = output
+        else:
+            self._unread.add(output, delta=self.output_kind is RequestOutputKind.DELTA)
         self._event.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -80,11 +88,11 @@ class RequestStream:
         # An output and an error may both be waiting (put, then fail, before this
         # reader woke): the output is returned now and the error on the next call, so
         # the event is cleared only when there is nothing left to hand out.
-        while self._latest is None and self._error is None:
+        while self._unread is None and self._error is None:
             self._event.clear()
             await self._event.wait()
-        if self._latest is not None:
-            output, self._latest = self._latest, None
+        if self._unread is not None:
+            output, self._unread = self._unread, None
             self.finished = output.finished
             return output
         self.finished = True
@@ -107,7 +115,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._stats: dict = {}
+        self._stats: EngineStats | None = None
         self._error: BaseException | None = None
         self._draining = False
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
@@ -164,23 +172,24 @@ class AsyncEngine:
         return [rid for rid, s in self._streams.items() if s.started and not s.aborting]
 
     @property
-    def engine_stats(self) -> dict:
-        """LLMEngine.stats() as of the last step or command; safe from any thread (the
-        engine thread swaps in a new dict, never mutates one it published)."""
+    def engine_stats(self) -> EngineStats | None:
+        """LLMEngine.stats() as of the last step or command (None before start); safe
+        from any thread (a frozen snapshot the engine thread replaces)."""
         return self._stats
 
-    def stats(self) -> dict:
+    def stats(self) -> ServingStats:
         """The engine's stats as of its last step or command (exact when idle), plus the
         requests in flight and queued here."""
-        stats = dict(self._stats)
-        stats["num_in_flight"] = len(self._streams)
-        stats["num_queued"] = self._num_queued()
-        return stats
+        return ServingStats.of_engine(self._stats or EngineStats(), len(self._streams),
+                                      self._num_queued())
 
     # ---- requests ----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
-                    priority: int = 0, cache_salt: int = 0) -> RequestStream:
-        """Queue a request; the returned stream raises the engine's rejection, if any."""
+                    priority: int = 0, cache_salt: int = 0,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+                    ) -> RequestStream:
+        """Queue a request; the returned stream raises the engine's rejection, if any.
+        `output_kind`: DELTA costs each step only what is new (the gRPC path)."""
         if self._error is not None:
             raise EngineDeadError("engine is not running: it failed (details in the server log)")
         if self._draining:
@@ -190,7 +199,7 @@ class AsyncEngine:
         if self._num_queued() >= self.max_queue_size:
             raise QueueFullError(
                 f"admission queue is full ({self.max_queue_size} requests waiting)")
-        stream = RequestStream(request_id)
+        stream = RequestStream(request_id, output_kind)
         self._streams[request_id] = stream
         tokenize = getattr(self.engine, "prompts", None)
         if tokenize is None:  # an engine without its own prompt tokenizer (tests)
@@ -236,9 +245,11 @@ class AsyncEngine:
             del self._streams[stream.request_id]
 
     async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
-                       priority: int = 0, cache_salt: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: int = 0,
+                       output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+                       ) -> AsyncIterator[RequestOutput]:
         """add_request + iteration; aborts the request if the consumer stops early."""
-        stream = self.add_request(request_id, prompt, params, priority, cache_salt)
+        stream = self.add_request(request_id, prompt, params, priority, cache_salt, output_kind)
         try:
             async for output in stream:
                 yield output
@@ -273,8 +284,7 @@ class AsyncEngine:
                     self.step_started_at = None
                     self._stats = self.engine.stats()
                     if outputs:
-                        # Snapshot on this thread: the engine may reuse its lists next step.
-                        self._post(self._deliver, [_snapshot(o) for o in outputs])
+                        self._post(self._deliver, [_detach(o) for o in outputs])
         except BaseException as exc:  # noqa: BLE001 - any engine error kills the loop
             logger.exception("engine loop failed; failing all in-flight requests")
             self._post(self._fail_all, exc)
@@ -299,7 +309,8 @@ class AsyncEngine:
                 _, stream, prompt, params, priority, cache_salt = command
                 try:
                     self.engine.add_request(stream.request_id, prompt, params,
-                                            priority=priority, cache_salt=cache_salt)
+                                            priority=priority, cache_salt=cache_salt,
+                                            output_kind=stream.output_kind)
                 except Exception as exc:  # noqa: BLE001 - a rejection belongs to its request
                     self._post(self._reject, stream, exc)
             elif command[0] == "abort":
@@ -354,16 +365,9 @@ class AsyncEngine:
             callback(error)
 
 
-def _snapshot(output: RequestOutput) -> RequestOutput:
-    """A copy the event loop can read while the engine keeps appending to its own lists."""
-    completions = [
-        replace(c, token_ids=list(c.token_ids),
-                logprobs=None if c.logprobs is None else list(c.logprobs))
-        for c in output.outputs
-    ]
-    metrics = replace(output.metrics)
-    for f in fields(metrics):  # e.g. a phase timeline the scheduler keeps appending to
-        value = getattr(metrics, f.name)
-        if isinstance(value, list):
-            setattr(metrics, f.name, list(value))
-    return replace(output, outputs=completions, metrics=metrics)
+def _detach(output: RequestOutput) -> RequestOutput:
+    """What the event loop may read while the engine steps on: the engine's token and
+    logprob lists are new in every output, but its timings (and their phase timeline)
+    are the request's own, updated in place, so they are copied here."""
+    output.metrics = output.metrics.snapshot()
+    return output

@@ -60,7 +60,7 @@ def to_usage(output: RequestOutput) -> pb.Usage:
 
     return pb.Usage(
         prompt_tokens=m.num_prompt_tokens or len(output.prompt_token_ids),
-        completion_tokens=sum(len(c.token_ids) for c in output.outputs),
+        completion_tokens=sum(c.num_tokens for c in output.outputs),
         cached_prompt_tokens=m.num_cached_tokens,
         preemptions=m.num_preemptions,
         queue_time_ns=span_ns(m.arrival_time, m.first_scheduled_time),
@@ -98,7 +98,8 @@ def to_response(output: RequestOutput, params: SamplingParams) -> pb.GenerateRes
 
 
 class StreamDeltas:
-    """Turns cumulative RequestOutputs into per-completion delta messages.
+    """Turns a DELTA request's outputs (RequestOutputKind.DELTA: each holds only what is
+    new) into per-completion stream messages, each as long as its delta.
 
     Beam search reorders and replaces its hypotheses until the end, so its completions
     are sent whole once the request finishes.
@@ -106,8 +107,6 @@ class StreamDeltas:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.sent_tokens: dict[int, int] = {}
-        self.sent_chars: dict[int, int] = {}
         self.done: set[int] = set()
 
     def update(self, output: RequestOutput) -> list[pb.GenerateStreamResponse]:
@@ -117,20 +116,13 @@ class StreamDeltas:
         for c in output.outputs:
             if c.index in self.done:
                 continue
-            n_tokens = self.sent_tokens.get(c.index, 0)
-            n_chars = self.sent_chars.get(c.index, 0)
-            new_tokens = c.token_ids[n_tokens:]
-            new_text = c.text[n_chars:]
-            if not new_tokens and not new_text and c.finish_reason is None:
+            if not c.token_ids and not c.text and c.finish_reason is None:
                 continue
             messages.append(pb.GenerateStreamResponse(
-                request_id=output.request_id, index=c.index, text=new_text,
-                token_ids=new_tokens,
-                logprobs=to_logprobs(new_tokens, (c.logprobs or [])[n_tokens:]
-                                     if c.logprobs is not None else None, self.params.logprobs),
+                request_id=output.request_id, index=c.index, text=c.text,
+                token_ids=c.token_ids,
+                logprobs=to_logprobs(c.token_ids, c.logprobs, self.params.logprobs),
                 finish_reason=FINISH_REASONS[c.finish_reason]))
-            self.sent_tokens[c.index] = len(c.token_ids)
-            self.sent_chars[c.index] = max(n_chars, len(c.text))
             if c.finish_reason is not None:
                 self.done.add(c.index)
         if output.finished:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from pagedserve.outputs import RequestOutputKind
 from pagedserve.server.async_engine import AsyncEngine, EngineNotReadyError
 from pagedserve.server.tenancy import cache_salt, current_tenant
 from pagedserve.server.convert import StreamDeltas, to_prompt, to_response, to_sampling_params
@@ -43,8 +44,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex
         params = to_sampling_params(request.sampling)
         salt = cache_salt(current_tenant.get(), request.cache_salt)
+        # Deltas: a step costs what is new, not the whole output so far, per request.
         stream = self.engine.generate(request_id, to_prompt(request), params, request.priority,
-                                      cache_salt=salt)
+                                      cache_salt=salt, output_kind=RequestOutputKind.DELTA)
         if self.observability is not None:
             stream = self.observability.observe(stream, params, self.model_info.model)
         return params, stream
@@ -53,8 +55,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         params, stream = self._admit(request)
         final = None
-        async for output in stream:
-            final = output
+        async for output in stream:  # deltas, folded into the whole result
+            if final is None:
+                final = output
+            else:
+                final.add(output, delta=True)
         assert final is not None and final.finished, "stream ended without a final output"
         return to_response(final, params)
 

@@ -11,7 +11,7 @@ scattered ids cost from the rest. Swap: scattered blocks GPU <-> pinned CPU vs
 one plain pinned copy of the same bytes, for one layer and for a whole sequence
 across all 32 layers in one call.
 
-    python benchmarks/kernels.py --out docs/kernels_h100.json [--loader compiled|cupy]
+    python benchmarks/kernel_bench.py --out docs/kernels_h100.json [--loader compiled|cupy]
 """
 
 from __future__ import annotations
