@@ -178,7 +178,7 @@ def test_greedy_ids_equal_single_process_and_transformers(model, runners):
     ours, stats = run(tp, PROMPTS, params)
     ref, _ = run(single, PROMPTS, params)
     assert ours == ref
-    assert stats["prefix_cache_hits"] > 0  # the shared prefix came from the cache
+    assert stats.prefix_cache_hits > 0  # the shared prefix came from the cache
     for i in (0, 1, 3):
         assert ours[i][0] == hf_greedy(hf, PROMPTS[i], 10), f"prompt {i}"
     assert ours[2][0] == ours[2][1] == hf_greedy(hf, PROMPTS[2], 10)  # n=2 forks, same greedy path
@@ -194,10 +194,10 @@ def test_forced_preemption_keeps_the_tokens(runners, mode):
     ref, ref_stats = run(single, prompts, params, num_kv_blocks=24, preemption_mode=mode)
     free, _ = run(single, prompts, params)
     assert ours == ref == free
-    assert stats["preemptions_by_mode"].get(mode, 0) > 0
-    assert stats["preemptions_by_mode"] == ref_stats["preemptions_by_mode"]
+    assert stats.preemptions_by_mode.get(mode, 0) > 0
+    assert stats.preemptions_by_mode == ref_stats.preemptions_by_mode
     if mode == "swap":
-        assert stats["blocks_swapped_out"] > 0 and stats["blocks_swapped_in"] > 0
+        assert stats.blocks_swapped_out > 0 and stats.blocks_swapped_in > 0
 
 
 def test_each_rank_holds_half_the_weights(runners):

@@ -45,7 +45,7 @@ def single(model_dir):
 
 def test_tp2_equals_tp1_on_nccl(model_dir, single):
     tokens, stats = run(model_dir, 2, num_kv_blocks=512)
-    assert stats["num_preemptions"] == 0
+    assert stats.num_preemptions == 0
     assert tokens == single
     assert not torch.distributed.is_initialized()  # shutdown left the group
 
@@ -53,7 +53,7 @@ def test_tp2_equals_tp1_on_nccl(model_dir, single):
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_tp2_preemption_changes_no_token(model_dir, single, mode):
     tokens, stats = run(model_dir, 2, num_kv_blocks=48, preemption_mode=mode, swap_space_gb=0.05)
-    assert stats["preemptions_by_mode"][mode] > 0
+    assert stats.preemptions_by_mode[mode] > 0
     assert tokens == single
 
 
