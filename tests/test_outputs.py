@@ -28,8 +28,7 @@ REQUESTS = {
                                                       seed=7, logprobs=1)),
     "beam": ("Hello", SamplingParams(beam_width=2, n=2, max_tokens=5)),
 }
-FIELDS = ("token_ids", "text", "logprobs", "finish_reason", "stop_reason",
-          "cumulative_logprob", "num_tokens")
+FIELDS = ("token_ids", "text", "finish_reason", "stop_reason", "num_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,21 @@ def llm_engine():
 
 
 def whole(c: CompletionOutput) -> tuple:
+    """Everything but the log-probabilities, which `assert_same` compares."""
     return tuple(getattr(c, name) for name in FIELDS)
+
+
+def assert_same(a: list[CompletionOutput], b: list[CompletionOutput]) -> None:
+    """Same tokens, text and finish; log-probabilities equal up to float rounding: the
+    kinds run as separate rows of one batch, and a row's place in a matmul may change
+    its last bits (with 2 threads it does)."""
+    assert [whole(c) for c in a] == [whole(c) for c in b]
+    for x, y in zip(a, b):
+        assert x.cumulative_logprob == pytest.approx(y.cumulative_logprob, rel=1e-5, abs=1e-5)
+        assert (x.logprobs is None) == (y.logprobs is None)
+        for dx, dy in zip(x.logprobs or [], y.logprobs or []):
+            assert dx.keys() == dy.keys()
+            assert all(dx[k] == pytest.approx(dy[k], rel=1e-4, abs=1e-4) for k in dx)
 
 
 def test_delta_outputs_add_up_to_the_cumulative_ones_at_every_step(llm_engine):
@@ -70,17 +83,15 @@ def test_delta_outputs_add_up_to_the_cumulative_ones_at_every_step(llm_engine):
             else:
                 folded[name] = delta
             if params.beam_width == 1:  # the folded deltas are the cumulative output
-                assert [whole(c) for c in folded[name].outputs] == \
-                    [whole(c) for c in cumulative.outputs]
+                assert_same(folded[name].outputs, cumulative.outputs)
             if f"final_only-{name}" in outs:
                 final_only[name] = outs[f"final_only-{name}"]
                 assert final_only[name].finished
             else:
                 assert not cumulative.finished
     for name in REQUESTS:  # at the end, every kind holds the same whole result
-        assert [whole(c) for c in folded[name].outputs] == \
-            [whole(c) for c in last[name].outputs] == \
-            [whole(c) for c in final_only[name].outputs]
+        assert_same(folded[name].outputs, last[name].outputs)
+        assert_same(final_only[name].outputs, last[name].outputs)
     assert steps > 5
     assert folded["greedy_stop"].outputs[0].logprobs is not None
     assert len(folded["sampled_n2"].outputs) == 2 and len(folded["beam"].outputs) == 2
