@@ -247,6 +247,10 @@ std::optional<BlockPair> BlockManager::append_slot(SeqId seq, TokenId token) {
   if (s.device != Device::kGpu)
     throw std::invalid_argument(seq_name(seq) + " is swapped out; swap it in before appending");
   check_tokens({token});
+  return append_checked(s, token);
+}
+
+std::optional<BlockPair> BlockManager::append_checked(Sequence& s, TokenId token) {
   std::optional<BlockPair> copy;
   if (s.num_tokens % block_size_ == 0) {
     s.table.push_back(take_gpu_block());
@@ -312,7 +316,7 @@ std::vector<BlockPair> BlockManager::append_slots(const std::vector<SeqId>& seqs
 
   std::vector<BlockPair> copies;
   for (size_t i = 0; i < seqs.size(); ++i)
-    if (auto c = append_slot(seqs[i], tokens[i])) copies.push_back(*c);
+    if (auto c = append_checked(seqs_.at(seqs[i]), tokens[i])) copies.push_back(*c);
   return copies;
 }
 
@@ -339,7 +343,7 @@ BlockManager::Reservation BlockManager::reserve_slots(const std::vector<SeqId>& 
     if (blocks_for_append(seqs.data() + first, static_cast<size_t>(size)) > num_free_gpu_blocks())
       break;
     for (size_t i = first; i < first + static_cast<size_t>(size); ++i)
-      if (auto c = append_slot(seqs[i], tokens[i])) out.copies.push_back(*c);
+      if (auto c = append_checked(seqs_.at(seqs[i]), tokens[i])) out.copies.push_back(*c);
     first += static_cast<size_t>(size);
     ++out.num_groups;
   }

@@ -154,6 +154,9 @@ class BlockManager {
   Sequence& seq_or_throw(SeqId seq);
   const Sequence& seq_or_throw(SeqId seq) const;
   void check_tokens(const std::vector<TokenId>& token_ids) const;
+  // One slot for a sequence already checked (on the GPU, token in range): the multi-
+  // sequence calls check their whole input once, then append through this.
+  std::optional<BlockPair> append_checked(Sequence& s, TokenId token);
   uint64_t chain_hash(uint64_t parent_hash, uint64_t salt, const TokenId* tokens) const;
 
   // Prefix-cache lookup without side effects: the cached blocks that serve a prefix.

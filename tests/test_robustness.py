@@ -18,6 +18,7 @@ from pagedserve import EngineConfig, SamplingParams
 from pagedserve.engine.beam_search import BeamState
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.prompt import TokenizedPrompt
+from pagedserve.errors import InvalidRequestError
 from pagedserve.outputs import CompletionOutput, RequestFailedError, RequestOutput
 from pagedserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from pagedserve.server.tenancy import cache_salt
@@ -254,6 +255,30 @@ def test_hostile_values_are_invalid_argument_and_the_server_serves_on(client, sa
     assert err.details() == message
     reply = client.generate("Hello", temperature=0.0, max_tokens=4)
     assert len(reply.completions[0].token_ids) == 4
+
+
+def test_a_value_error_of_the_engine_is_internal_not_the_clients(client, monkeypatch):
+    """Only InvalidRequestError is the caller's mistake; a ValueError raised by a bug in
+    one request's processing is INTERNAL, and its message stays in the server log."""
+    original = LLMEngine._check_stop
+
+    def check_stop(self, seq, group):
+        if group.prompt == "boom":
+            raise ValueError("a bug's own message")
+        return original(self, seq, group)
+
+    monkeypatch.setattr(LLMEngine, "_check_stop", check_stop)
+    err = rpc_error(client.generate, "boom", max_tokens=4)
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert "a bug's own message" not in err.details()
+    reply = client.generate("Hello", temperature=0.0, max_tokens=4)
+    assert len(reply.completions[0].token_ids) == 4
+
+
+def test_client_errors_are_invalid_request_errors_offline_too():
+    with pytest.raises(InvalidRequestError, match="^top_p must be in") as info:
+        SamplingParams(top_p=2.0)
+    assert info.value.field_message().startswith("sampling.top_p")
 
 
 def test_prompt_and_messages_over_the_byte_cap_are_invalid_argument(client, serving):

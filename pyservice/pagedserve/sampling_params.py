@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from pagedserve.errors import invalid_sampling
 from pagedserve.structured.spec import ConstraintSpec, check_constraint, constraint_of
 
 # A hard cap keeps one request from asking the sampler for the whole vocabulary.
@@ -28,8 +29,8 @@ def _is_number(value: object) -> bool:
 class SamplingParams:
     """How to pick tokens and when to stop. Validated on construction.
 
-    Every ValueError message starts with the offending field's name so the gRPC layer
-    can hand it to the client unchanged.
+    Every error (pagedserve.errors.InvalidRequestError) starts with the offending field's
+    name, so the gRPC layer can hand it to the client unchanged.
     """
 
     n: int = 1  # parallel samples of the prompt (they share its KV blocks)
@@ -68,82 +69,84 @@ class SamplingParams:
         self._check_int("beam_width", minimum=1)
         self._check_float("length_penalty")
         if abs(self.length_penalty) > MAX_ABS_LENGTH_PENALTY:
-            raise ValueError(f"length_penalty must be in [-{MAX_ABS_LENGTH_PENALTY:g}, "
-                             f"{MAX_ABS_LENGTH_PENALTY:g}], got {self.length_penalty:g}")
+            raise invalid_sampling(f"length_penalty must be in [-{MAX_ABS_LENGTH_PENALTY:g}, "
+                                   f"{MAX_ABS_LENGTH_PENALTY:g}], got {self.length_penalty:g}")
         self._check_float("temperature", minimum=0.0)
         self._check_float("top_p")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise invalid_sampling(f"top_p must be in (0, 1], got {self.top_p}")
         self._check_int("top_k")
         if self.top_k == 0:
             self.top_k = -1  # proto3 leaves unset ints at 0: treat it as "off" too
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+            raise invalid_sampling(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         self._check_float("min_p")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise invalid_sampling(f"min_p must be in [0, 1], got {self.min_p}")
         self._check_float("repetition_penalty")
         low, high = REPETITION_PENALTY_RANGE
         if not low <= self.repetition_penalty <= high:
-            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}], "
-                             f"got {self.repetition_penalty:g}")
+            raise invalid_sampling(f"repetition_penalty must be in [{low:g}, {high:g}], "
+                                   f"got {self.repetition_penalty:g}")
         for name in ("presence_penalty", "frequency_penalty"):
             self._check_float(name)
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise invalid_sampling(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            raise invalid_sampling(f"seed must be an integer or None, got {self.seed!r}")
         self._check_stop()
         self._check_int("max_tokens", minimum=1)
         self._check_int("min_tokens", minimum=0)
         if self.min_tokens > self.max_tokens:
-            raise ValueError(
+            raise invalid_sampling(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         for name in ("early_stopping", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise invalid_sampling(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.logprobs is not None:
             self._check_int("logprobs", minimum=0)
             if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+                raise invalid_sampling(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
         if self.beam_width > 1 and self.n > self.beam_width:
-            raise ValueError(f"n must be <= beam_width ({self.beam_width}) for beam search, "
-                             f"got {self.n}")
+            raise invalid_sampling(f"n must be <= beam_width ({self.beam_width}) for beam search, "
+                                   f"got {self.n}")
         if self.beam_width > 1 and self.stop:
-            raise ValueError("stop strings are not supported with beam search "
-                             "(beam_width > 1); use stop_token_ids")
+            raise invalid_sampling("stop strings are not supported with beam search "
+                                   "(beam_width > 1); use stop_token_ids")
         check_constraint(self)
 
     def _check_int(self, name: str, minimum: int | None = None) -> None:
         value = getattr(self, name)
         if not _is_int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise invalid_sampling(f"{name} must be an integer, got {value!r}")
         if minimum is not None and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+            raise invalid_sampling(f"{name} must be >= {minimum}, got {value}")
 
     def _check_float(self, name: str, minimum: float | None = None) -> None:
         value = getattr(self, name)
         if not _is_number(value) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise invalid_sampling(f"{name} must be a finite number, got {value!r}")
         if minimum is not None and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+            raise invalid_sampling(f"{name} must be >= {minimum:g}, got {value}")
         setattr(self, name, float(value))
 
     def _check_stop(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            raise invalid_sampling(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
+                raise invalid_sampling(f"stop must contain only non-empty strings, got {s!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+            raise invalid_sampling(
+                f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must contain non-negative integers, got {t!r}")
+                raise invalid_sampling(
+                    f"stop_token_ids must contain non-negative integers, got {t!r}")
         # Checked against every generated token: a set makes that O(1) however long the list.
         self._stop_token_set = frozenset(self.stop_token_ids)
 

@@ -20,6 +20,7 @@ from pagedserve.engine.prompt import PromptTokenizer, TokenizedPrompt
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.sequence import Sequence, SequenceGroup
 from pagedserve.engine.stats import EngineStats
+from pagedserve.errors import InvalidRequestError, invalid_sampling
 from pagedserve.outputs import RequestMetrics, RequestOutput, RequestOutputKind
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured.admission import StructuredOutputs
@@ -86,21 +87,28 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int] | list[dict] | TokenizedPrompt,
                     params: SamplingParams, priority: int = 0, cache_salt: int = 0,
                     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
-        """Queues a request; bad input raises ValueError naming the field. `cache_salt`:
-        prompts hash under it in the prefix cache, so only requests with the same salt
+        """Queues a request; bad input raises InvalidRequestError naming the field.
+        `cache_salt`: prompts hash under it in the prefix cache, so only requests with the same salt
         share cached blocks (one per tenant: see pagedserve.server.tenancy).
         `output_kind`: what step() hands back for it (see RequestOutputKind)."""
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+            raise InvalidRequestError(
+                f"request_id must be a non-empty string, got {request_id!r}")
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(
+                f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer and this model has none; "
-                             "use stop_token_ids")
+            raise invalid_sampling("stop: stop strings need a tokenizer and this model has "
+                                   "none; use stop_token_ids")
+        for i, token in enumerate(params.stop_token_ids):
+            if token >= self.vocab_size:
+                raise invalid_sampling(f"stop_token_ids[{i}] = {token} is outside the "
+                                       f"vocabulary (valid ids are 0..{self.vocab_size - 1})")
         if not isinstance(output_kind, RequestOutputKind):
-            raise ValueError(f"output_kind must be a RequestOutputKind, got {output_kind!r}")
+            raise InvalidRequestError(
+                f"output_kind must be a RequestOutputKind, got {output_kind!r}")
         prompt = self.prompts(prompt)
         spec = params.constraint
         if spec is None:
@@ -109,10 +117,10 @@ class LLMEngine:
             self.outputs.add(request_id, output_kind)
             return
         if self.tokenizer is None:
-            raise ValueError(f"{spec.kind}: structured output needs a tokenizer and this "
-                             "model has none")
+            raise invalid_sampling(f"{spec.kind}: structured output needs a tokenizer and "
+                                   "this model has none")
         if request_id in self.structured or self.scheduler.get_group(request_id):
-            raise ValueError(f"request_id {request_id!r} is already in flight")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in flight")
         args = (prompt.text, prompt.token_ids, params, priority)
         constraint = self.structured.add(request_id, spec, (args, cache_salt))
         self.outputs.add(request_id, output_kind)
@@ -131,7 +139,7 @@ class LLMEngine:
         for request_id, args, constraint in self.structured.ready():
             try:
                 self._add_constrained(request_id, args, constraint)
-            except ValueError as exc:  # e.g. it cannot fit the KV cache
+            except InvalidRequestError as exc:  # e.g. it cannot fit the KV cache
                 self.structured.reject(request_id, args, exc)
         rejected = self.structured.take_rejected()
         for request_id, *_ in rejected:

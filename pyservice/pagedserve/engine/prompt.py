@@ -11,6 +11,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.errors import InvalidRequestError
+
 
 @dataclass(frozen=True, slots=True)
 class TokenizedPrompt:
@@ -28,37 +30,41 @@ class PromptTokenizer:
 
     def __call__(self, prompt: Any) -> TokenizedPrompt:
         """A string, a list of token ids or a list of chat messages; bad input raises
-        ValueError naming the field."""
+        InvalidRequestError naming the field."""
+        field = "prompt"  # how the error names the input, as the gRPC request does
         if isinstance(prompt, TokenizedPrompt):
             result = prompt
         elif isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must not be empty")
+                raise InvalidRequestError("prompt must not be empty")
             if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; give token ids")
+                raise InvalidRequestError("prompt: this model has no tokenizer; give token ids")
             result = TokenizedPrompt(prompt, list(self.tokenizer(prompt)["input_ids"]))
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             result = TokenizedPrompt(None, self.apply_chat_template(list(prompt)))
+            field = "messages"
         elif not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("prompt must be a non-empty string, list of token ids or "
-                             "list of chat messages")
+            raise InvalidRequestError("prompt must be a non-empty string, list of token ids "
+                                      "or list of chat messages")
         else:
             for i, t in enumerate(prompt):
                 if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                    raise ValueError(f"prompt_token_ids[{i}] must be a token id in "
-                                     f"[0, {self.vocab_size}), got {t!r}")
+                    raise InvalidRequestError(f"prompt_token_ids[{i}] must be a token id in "
+                                              f"[0, {self.vocab_size}), got {t!r}")
             result = TokenizedPrompt(None, list(prompt))
+            field = "prompt_token_ids"
         if len(result.token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(result.token_ids)} tokens; max_model_len "
-                             f"{self.max_model_len} leaves no room to generate")
+            said = "prompt" if field == "prompt" else f"{field}: the prompt"
+            raise InvalidRequestError(f"{said} is {len(result.token_ids)} tokens; max_model_len "
+                                      f"{self.max_model_len} leaves no room to generate")
         return result
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("messages: this model has no chat template")
+            raise InvalidRequestError("messages: this model has no chat template")
         for i, m in enumerate(messages):
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must have string 'role' and 'content'")
+                raise InvalidRequestError(f"messages[{i}] must have string 'role' and 'content'")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
         # The template already holds the special tokens; adding BOS again would double it.

@@ -18,6 +18,7 @@ from typing import Any
 from pagedserve.engine import beam_search
 from pagedserve.engine.batch import SampleResult, ScheduledBatch
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status, derived_seed
+from pagedserve.errors import InvalidRequestError
 from pagedserve.observability.timeline import PhaseEvent
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class RequestBook:
                     params: Any, priority: int = 0,
                     arrival_time: float | None = None, cache_salt: int = 0) -> SequenceGroup:
         if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in flight")
         group = SequenceGroup(request_id, prompt, list(prompt_token_ids), params,
                               first_seq_id=next(self._seq_ids),
                               arrival_index=next(self._arrivals), priority=priority,

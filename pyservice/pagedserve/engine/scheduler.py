@@ -31,6 +31,7 @@ from pagedserve.engine.batch import ScheduledBatch, SeqWork, fill_block_tables
 from pagedserve.engine.request_book import RequestBook
 from pagedserve.engine.schedule_ahead import decodes_ahead
 from pagedserve.engine.sequence import Sequence, SequenceGroup, Status
+from pagedserve.errors import invalid_sampling
 from pagedserve.observability.timeline import PhaseEvent
 
 
@@ -93,7 +94,7 @@ class Scheduler(RequestBook):
         width = max(params.n, params.beam_width)
         need = self._footprint(prompt_len, [tokens] * width)
         if need > self.usable_gpu_blocks:
-            raise ValueError(
+            raise invalid_sampling(
                 f"max_tokens: the request needs up to {need} KV-cache blocks "
                 f"({width} x {tokens} cached tokens, {self.block_size} a block) but the "
                 f"whole cache has {self.usable_gpu_blocks}; shorten the prompt or lower "

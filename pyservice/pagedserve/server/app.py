@@ -151,8 +151,8 @@ class Server:
     async def attach(self, engine: AsyncEngine) -> None:
         """Serve `engine` (started and warmed up) and report SERVING."""
         llm = engine.engine
-        limits = Limits(max_model_len=llm.max_model_len, vocab_size=llm.vocab_size,
-                        max_n=self.config.max_n, max_stop_strings=self.config.max_stop_strings,
+        limits = Limits(max_model_len=llm.max_model_len, max_n=self.config.max_n,
+                        max_stop_strings=self.config.max_stop_strings,
                         max_request_bytes=self.config.max_message_bytes)
         self.engine = engine
         self.servicer.attach(engine, limits, model_info(llm, engine.stats()))

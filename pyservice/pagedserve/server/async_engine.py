@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pagedserve.engine.stats import EngineStats, ServingStats
+from pagedserve.errors import InvalidRequestError
 from pagedserve.outputs import RequestFailedError, RequestOutput, RequestOutputKind
 from pagedserve.sampling_params import SamplingParams
 
@@ -221,7 +222,7 @@ class AsyncEngine:
             return
         error = future.exception()
         if error is not None:
-            if not isinstance(error, ValueError):
+            if not isinstance(error, InvalidRequestError):
                 logger.error("tokenizing request %s failed", stream.request_id, exc_info=error)
                 error = RequestFailedError("tokenizing the prompt failed (details in the server log)")
             self._reject(stream, error)
@@ -339,7 +340,7 @@ class AsyncEngine:
             if output.error is not None:  # the request failed alone; the engine runs on
                 del self._streams[output.request_id]
                 error = output.error
-                if not isinstance(error, ValueError):
+                if not isinstance(error, InvalidRequestError):
                     error = RequestFailedError(
                         "the request failed in the engine (details in the server log)")
                 stream._fail(error)

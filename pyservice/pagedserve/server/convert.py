@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.validation import InvalidArgument, shortest_float32
+from pagedserve.server.validation import shortest_float32
 from pagedserve.v1 import generate_pb2 as pb
 
 FINISH_REASONS = {
@@ -46,10 +46,7 @@ def to_sampling_params(sampling: pb.SamplingParams) -> SamplingParams:
         kwargs["choice"] = list(sampling.choice.choices)
     elif constraint is not None:
         kwargs[constraint] = getattr(sampling, constraint)
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as exc:  # its messages start with the field name
-        raise InvalidArgument(f"sampling.{exc}") from None
+    return SamplingParams(**kwargs)  # the one check of the values (InvalidRequestError)
 
 
 def to_usage(output: RequestOutput) -> pb.Usage:

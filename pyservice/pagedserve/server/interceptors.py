@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 
+from pagedserve.errors import InvalidRequestError
 from pagedserve.server.async_engine import (
     DuplicateRequestError,
     EngineDeadError,
@@ -21,10 +22,11 @@ from pagedserve.server.tenancy import current_tenant
 
 logger = logging.getLogger(__name__)
 
-# Most specific first: DuplicateRequestError is a ValueError.
+# Most specific first. Only InvalidRequestError is the client's error: any other
+# exception (a ValueError of a bug included) is INTERNAL.
 _STATUS = (
     (DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineNotReadyError, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
@@ -37,7 +39,7 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception raised by a handler."""
     for kind, code in _STATUS:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, exc.field_message() if isinstance(exc, InvalidRequestError) else str(exc)
     # A bug: the client gets a short message, the log gets the stack trace.
     logger.exception("unhandled error in RPC handler")
     return grpc.StatusCode.INTERNAL, "internal server error"

@@ -1,22 +1,26 @@
-"""Request checks that need the server's limits; each error names the offending field.
+"""The server's own caps on a request, checked before any work; each error names the
+offending field.
 
-SamplingParams validates value ranges itself; this module adds what only the server
-knows (model length, vocabulary, caps on n / beam width / stop strings / message size)
-and what only the proto can tell (a field explicitly set to 0).
+The values themselves (ranges, vocabulary, prompt length) are checked once, at the
+engine's input (SamplingParams, LLMEngine.add_request: pagedserve.errors). This module
+adds only what is the server's policy (caps on message size, prompt bytes, n / beam
+width, max_tokens, stop strings and ids, chat messages) and what only the proto can tell
+(which oneof is set, a bool set to false).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from pagedserve.errors import InvalidRequestError
 from pagedserve.v1 import generate_pb2 as pb
 
 
-class InvalidArgument(ValueError):
-    """A bad request; the message starts with the field's name (INVALID_ARGUMENT)."""
+class InvalidArgument(InvalidRequestError):
+    """A request over one of the server's caps; the message starts with the field's name
+    (INVALID_ARGUMENT)."""
 
 
 # A prompt of max_model_len tokens rarely needs more than a few bytes per token; this
@@ -30,7 +34,6 @@ class Limits:
     """Caps on what one request may ask for, checked before any work is done."""
 
     max_model_len: int
-    vocab_size: int
     max_n: int = 16                          # cap for both n and beam_width
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256         # each stop string is matched every token
@@ -55,12 +58,10 @@ def validate_request(request: pb.GenerateRequest, limits: Limits) -> None:
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("prompt: one of prompt, prompt_token_ids or messages is required")
-    if kind == "prompt" and not request.prompt:
-        raise InvalidArgument("prompt must not be empty")
     if kind == "prompt":
         _check_prompt_bytes("prompt", len(request.prompt.encode()), limits)
-    if kind == "prompt_token_ids":
-        _check_token_ids(list(request.prompt_token_ids.ids), limits)
+    if kind == "prompt_token_ids" and not request.prompt_token_ids.ids:
+        raise InvalidArgument("prompt_token_ids must not be empty")
     if kind == "messages":
         _check_messages(request.messages, limits)
     _check_sampling(request.sampling, limits)
@@ -95,21 +96,6 @@ def _constraint_bytes(sampling: pb.SamplingParams) -> int:
     return len(getattr(sampling, kind).encode())
 
 
-def _check_token_ids(ids: list[int], limits: Limits) -> None:
-    if not ids:
-        raise InvalidArgument("prompt_token_ids must not be empty")
-    if len(ids) >= limits.max_model_len:
-        raise InvalidArgument(
-            f"prompt_token_ids has {len(ids)} tokens; the model allows at most "
-            f"{limits.max_model_len - 1} (max_model_len {limits.max_model_len}, "
-            "one position left to generate)")
-    for i, token in enumerate(ids):
-        if token >= limits.vocab_size:
-            raise InvalidArgument(
-                f"prompt_token_ids[{i}] = {token} is outside the vocabulary "
-                f"(valid ids are 0..{limits.vocab_size - 1})")
-
-
 def _check_prompt_bytes(field: str, size: int, limits: Limits) -> None:
     if size > limits.max_prompt_bytes:
         raise InvalidArgument(
@@ -132,18 +118,6 @@ def _check_messages(messages: pb.ChatMessages, limits: Limits) -> None:
 
 
 def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "length_penalty"):
-        if sampling.HasField(name) and not math.isfinite(getattr(sampling, name)):
-            raise InvalidArgument(f"sampling.{name} must be a finite number")
-    if sampling.HasField("temperature") and sampling.temperature < 0:
-        raise InvalidArgument(
-            f"sampling.temperature must be >= 0, got {shortest_float32(sampling.temperature)}")
-    if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
-        raise InvalidArgument(
-            f"sampling.top_p must be in (0, 1], got {shortest_float32(sampling.top_p)}")
-    if sampling.HasField("top_k") and sampling.top_k < -1:
-        raise InvalidArgument(f"sampling.top_k must be -1 (off) or >= 1, got {sampling.top_k}")
     for name in ("n", "beam_width"):
         if sampling.HasField(name) and not 1 <= getattr(sampling, name) <= limits.max_n:
             raise InvalidArgument(
@@ -168,8 +142,3 @@ def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
     if sampling.WhichOneof("constraint") == "json_object" and not sampling.json_object:
         raise InvalidArgument("sampling.json_object must be true when set (false asks for "
                               "no constraint: leave it unset)")
-    for i, token in enumerate(sampling.stop_token_ids):
-        if token >= limits.vocab_size:
-            raise InvalidArgument(
-                f"sampling.stop_token_ids[{i}] = {token} is outside the vocabulary "
-                f"(valid ids are 0..{limits.vocab_size - 1})")

@@ -2,7 +2,7 @@
 of the scheduler's queues, until its grammar is compiled, so it holds up no other
 request; then it joins the scheduler like any other. A compile that fails, or is still
 running at the request's deadline (arrival + the engine's time limit), turns the request
-down with ValueError naming the field (INVALID_ARGUMENT over gRPC); nothing else is
+down with InvalidRequestError naming the field (INVALID_ARGUMENT over gRPC); nothing else is
 affected.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.errors import InvalidRequestError, invalid_sampling
 from pagedserve.structured.compiler import ConstraintCompiler
 from pagedserve.structured.logits import RequestConstraint
 from pagedserve.structured.spec import ConstraintSpec
@@ -44,7 +45,7 @@ class StructuredOutputs:
         self._backend_lock = threading.Lock()  # made by the first compile worker
         self.compiler = ConstraintCompiler(self._compile, threads)
         self._waiting: dict[str, _Waiting] = {}
-        self._rejected: list[tuple[str, tuple, float, ValueError]] = []
+        self._rejected: list[tuple[str, tuple, float, InvalidRequestError]] = []
 
     @property
     def backend(self) -> Any:
@@ -59,7 +60,7 @@ class StructuredOutputs:
     # ---- requests ------------------------------------------------------------------
     def add(self, request_id: str, spec: ConstraintSpec, args: tuple) -> RequestConstraint | None:
         """The request's constraint when its grammar is ready now (a cache hit); else
-        None and the request waits here. Raises ValueError for a constraint known bad."""
+        None and the request waits here. Raises InvalidRequestError for a constraint known bad."""
         future = self.compiler.submit(spec)
         if future.done():
             return self._constraint(future)  # raises the cached failure
@@ -91,14 +92,14 @@ class StructuredOutputs:
             if not w.future.done():
                 if now < w.deadline:
                     continue
-                error = ValueError(f"{w.spec.kind}: compiling the constraint took longer than "
-                                   f"the server's limit of {self.timeout_s:g} s")
+                error = invalid_sampling(f"{w.spec.kind}: compiling the constraint took "
+                                         f"longer than the server's limit of {self.timeout_s:g} s")
                 self.compiler.fail(w.spec, error)
                 self._reject(request_id, error)
                 continue
             try:
                 constraint = self._constraint(w.future)
-            except ValueError as exc:
+            except InvalidRequestError as exc:
                 self._reject(request_id, exc)
                 continue
             del self._waiting[request_id]
@@ -115,28 +116,29 @@ class StructuredOutputs:
         concurrent.futures.wait([w.future for w in self._waiting.values()], timeout,
                                 return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def take_rejected(self) -> list[tuple[str, tuple, float, ValueError]]:
+    def take_rejected(self) -> list[tuple[str, tuple, float, InvalidRequestError]]:
         """(request id, its args, arrival time, the error) of each request turned down
         since the last call."""
         out, self._rejected = self._rejected, []
         return out
 
-    def reject(self, request_id: str, args: tuple, error: ValueError) -> None:
+    def reject(self, request_id: str, args: tuple, error: InvalidRequestError) -> None:
         """Turns down a request that left the wait (reported by take_rejected)."""
         self._rejected.append((request_id, args, time.monotonic(), error))
 
-    def _reject(self, request_id: str, error: ValueError) -> None:
+    def _reject(self, request_id: str, error: InvalidRequestError) -> None:
         w = self._waiting.pop(request_id)
         self._rejected.append((request_id, w.args, w.arrival, error))
 
     def _constraint(self, future: concurrent.futures.Future) -> RequestConstraint:
         try:
             compiled = future.result()
-        except ValueError:
+        except InvalidRequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - a compiler bug fails the request, not us
             log.exception("constraint compile failed unexpectedly")
-            raise ValueError(f"constraint does not compile: {type(exc).__name__}: {exc}"[:400]) from None
+            raise invalid_sampling(
+                f"constraint does not compile: {type(exc).__name__}: {exc}"[:400]) from None
         return RequestConstraint(self.backend, compiled)
 
     def shutdown(self) -> None:

@@ -19,6 +19,7 @@ import re
 import threading
 from typing import Any
 
+from pagedserve.errors import InvalidRequestError, invalid_sampling
 from pagedserve.structured.spec import ConstraintSpec
 
 # XGrammar prefixes its messages with "[time] /path/file.cc:line: ".
@@ -50,7 +51,8 @@ class XGrammarBackend:
             return self._compiler
 
     def compile(self, spec: ConstraintSpec) -> Any:
-        """The compiled grammar; ValueError `<field>: <reason>` when it does not compile."""
+        """The compiled grammar; InvalidRequestError `<field>: <reason>` when it does not
+        compile."""
         compiler = self._get_compiler()
         try:
             if spec.kind == "json_schema":
@@ -64,12 +66,12 @@ class XGrammarBackend:
                 return compiler.compile_grammar(spec.text)
             if spec.kind == "choice":
                 return compiler.compile_grammar(choice_grammar(spec.choices))
+        except InvalidRequestError:
+            raise
         except ValueError as exc:
-            if str(exc).startswith(spec.kind):
-                raise
-            raise ValueError(f"{spec.kind}: {_reason(exc)}") from None
+            raise invalid_sampling(f"{spec.kind}: {_reason(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - the library's errors are the request's
-            raise ValueError(f"{spec.kind} does not compile: {_reason(exc)}") from None
+            raise invalid_sampling(f"{spec.kind} does not compile: {_reason(exc)}") from None
         raise ValueError(f"unknown constraint kind {spec.kind!r}")
 
     def matcher(self, compiled: Any) -> Any:
@@ -101,8 +103,8 @@ def _check_schema(text: str) -> None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise ValueError(f"json_schema is not a valid JSON Schema at {where}: "
-                         f"{exc.message[:_MAX_REASON]}") from None
+        raise invalid_sampling(f"json_schema is not a valid JSON Schema at {where}: "
+                               f"{exc.message[:_MAX_REASON]}") from None
 
 
 def _reason(exc: BaseException) -> str:

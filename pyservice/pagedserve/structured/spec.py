@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.errors import invalid_sampling
+
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 # Bounds on what one request may hand the compiler: its time and memory grow with the
 # text, and a compile runs on a small shared pool.
@@ -48,7 +50,7 @@ def constraint_of(params: Any) -> ConstraintSpec | None:
 
 def check_constraint(params: Any) -> None:
     """Validates (and normalises: a schema dict becomes JSON text) the constraint fields
-    of a SamplingParams; raises ValueError naming the field."""
+    of a SamplingParams; raises InvalidRequestError naming the field."""
     if isinstance(params.json_schema, (dict, bool)):
         params.json_schema = json.dumps(params.json_schema)
     for name in ("json_schema", "regex", "grammar"):
@@ -56,44 +58,45 @@ def check_constraint(params: Any) -> None:
         if value is None:
             continue
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty string, got {value!r:.80}")
+            raise invalid_sampling(f"{name} must be a non-empty string, got {value!r:.80}")
         _check_size(name, len(value))
     if not isinstance(params.json_object, bool):
-        raise ValueError(f"json_object must be a bool, got {params.json_object!r}")
+        raise invalid_sampling(f"json_object must be a bool, got {params.json_object!r}")
     if params.json_schema is not None:
         _check_schema_json(params.json_schema)
     if params.choice is not None:
         _check_choice(params)
     given = [k for k in KINDS if getattr(params, k) not in (None, False)]
     if len(given) > 1:
-        raise ValueError(f"{given[1]}: at most one constraint per request, got {' and '.join(given)}")
+        raise invalid_sampling(f"{given[1]}: at most one constraint per request, "
+                               f"got {' and '.join(given)}")
     if not given:
         return
     if params.beam_width > 1:
-        raise ValueError(f"{given[0]}: constraints are not supported with beam search "
-                         "(beam_width > 1)")
+        raise invalid_sampling(f"{given[0]}: constraints are not supported with beam search "
+                               "(beam_width > 1)")
     if params.ignore_eos:
-        raise ValueError(f"{given[0]}: ignore_eos cannot be combined with a constraint "
-                         "(the output ends where the constraint is complete)")
+        raise invalid_sampling(f"{given[0]}: ignore_eos cannot be combined with a constraint "
+                               "(the output ends where the constraint is complete)")
     if params.min_tokens:
-        raise ValueError(f"{given[0]}: min_tokens cannot be combined with a constraint "
-                         "(the constraint decides where the output may end)")
+        raise invalid_sampling(f"{given[0]}: min_tokens cannot be combined with a constraint "
+                               "(the constraint decides where the output may end)")
 
 
 def _check_size(name: str, chars: int) -> None:
     if chars > MAX_CONSTRAINT_CHARS:
-        raise ValueError(f"{name} is {chars} characters, more than the limit of "
-                         f"{MAX_CONSTRAINT_CHARS}")
+        raise invalid_sampling(f"{name} is {chars} characters, more than the limit of "
+                               f"{MAX_CONSTRAINT_CHARS}")
 
 
 def _check_schema_json(text: str) -> None:
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+        raise invalid_sampling(f"json_schema is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
-        raise ValueError(f"json_schema must be a JSON object (a schema), got "
-                         f"{type(schema).__name__}")
+        raise invalid_sampling(f"json_schema must be a JSON object (a schema), got "
+                               f"{type(schema).__name__}")
 
 
 def _check_choice(params: Any) -> None:
@@ -101,10 +104,11 @@ def _check_choice(params: Any) -> None:
     if isinstance(choice, tuple):
         choice = params.choice = list(choice)
     if not isinstance(choice, list) or not choice:
-        raise ValueError(f"choice must be a non-empty list of strings, got {choice!r:.80}")
+        raise invalid_sampling(f"choice must be a non-empty list of strings, got {choice!r:.80}")
     if len(choice) > MAX_CHOICES:
-        raise ValueError(f"choice has {len(choice)} strings, more than the limit of {MAX_CHOICES}")
+        raise invalid_sampling(f"choice has {len(choice)} strings, more than the limit of "
+                               f"{MAX_CHOICES}")
     for i, c in enumerate(choice):
         if not isinstance(c, str) or not c:
-            raise ValueError(f"choice[{i}] must be a non-empty string, got {c!r:.80}")
+            raise invalid_sampling(f"choice[{i}] must be a non-empty string, got {c!r:.80}")
     _check_size("choice", sum(len(c) for c in choice))
