@@ -1,5 +1,7 @@
 """Paged KV-cache block manager (C++; see native/block_manager.h)."""
 
+from typing import Final
+
 import numpy
 
 class InvariantViolation(AssertionError): ...
@@ -58,28 +60,17 @@ class BlockManager:
     def free_queue_order(self) -> list[int]:
         """Free GPU blocks in eviction order (the front is taken first)."""
     def check_invariants(self) -> None: ...
-    @property
-    def block_size(self) -> int: ...
-    @property
-    def num_gpu_blocks(self) -> int: ...
-    @property
-    def num_cpu_blocks(self) -> int: ...
-    @property
-    def num_free_gpu_blocks(self) -> int: ...
-    @property
-    def num_free_cpu_blocks(self) -> int: ...
-    @property
-    def num_cached_blocks(self) -> int: ...
-    @property
-    def watermark_blocks(self) -> int: ...
-    @property
-    def enable_prefix_caching(self) -> bool: ...
-    @property
-    def usage(self) -> float: ...
+    block_size: Final[int]
+    num_gpu_blocks: Final[int]
+    num_cpu_blocks: Final[int]
+    num_free_gpu_blocks: Final[int]
+    num_free_cpu_blocks: Final[int]
+    num_cached_blocks: Final[int]
+    watermark_blocks: Final[int]
+    enable_prefix_caching: Final[bool]
+    usage: Final[float]
     @property
     def utilization(self) -> float:
         """Token slots holding real tokens / slots in used GPU blocks (the paper's figure)."""
-    @property
-    def prefix_cache_queries(self) -> int: ...
-    @property
-    def prefix_cache_hits(self) -> int: ...
+    prefix_cache_queries: Final[int]
+    prefix_cache_hits: Final[int]

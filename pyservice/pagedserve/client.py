@@ -62,14 +62,16 @@ def channel_credentials(root_certificates=None, client_cert=None, client_key=Non
 
 
 class _Base:
-    def __init__(self, target: str, *, token: str | None, tls: bool, root_certificates,
-                 client_cert, client_key, timeout: float | None, aio: bool,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+    _grpc: Any = grpc  # the channel module: grpc, or grpc.aio for AsyncClient
+
+    def __init__(self, target: str = "localhost:50051", *, token: str | None = None,
+                 tls: bool = False, root_certificates=None, client_cert=None, client_key=None,
+                 timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()) -> None:
         self.target = target
         self.timeout = timeout
         # Sent as plain metadata so a token also works on a plaintext loopback channel.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        grpc_mod = grpc.aio if aio else grpc
+        grpc_mod = self._grpc
         if tls or root_certificates is not None or client_cert is not None:
             creds = channel_credentials(root_certificates, client_cert, client_key)
             self.channel = grpc_mod.secure_channel(target, creds, options=list(options))
@@ -84,13 +86,6 @@ class _Base:
 
 class Client(_Base):
     """Blocking client. gRPC errors surface as grpc.RpcError (code() and details())."""
-
-    def __init__(self, target: str = "localhost:50051", *, token: str | None = None,
-                 tls: bool = False, root_certificates=None, client_cert=None, client_key=None,
-                 timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()):
-        super().__init__(target, token=token, tls=tls, root_certificates=root_certificates,
-                         client_cert=client_cert, client_key=client_key, timeout=timeout,
-                         aio=False, options=options)
 
     def generate(self, prompt: Prompt, *, request_id: str = "", priority: int = 0,
                  cache_salt: str = "", timeout: float | None = None, **sampling: Any) -> pb.GenerateResponse:
@@ -122,12 +117,7 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client; use inside a running event loop."""
 
-    def __init__(self, target: str = "localhost:50051", *, token: str | None = None,
-                 tls: bool = False, root_certificates=None, client_cert=None, client_key=None,
-                 timeout: float | None = None, options: Sequence[tuple[str, Any]] = ()):
-        super().__init__(target, token=token, tls=tls, root_certificates=root_certificates,
-                         client_cert=client_cert, client_key=client_key, timeout=timeout,
-                         aio=True, options=options)
+    _grpc = grpc.aio
 
     async def generate(self, prompt: Prompt, *, request_id: str = "", priority: int = 0,
                        cache_salt: str = "", timeout: float | None = None, **sampling: Any) -> pb.GenerateResponse:

@@ -45,22 +45,23 @@ class EngineStats:
             num_swapped=len(s.swapped),
             gpu_kv_usage=bm.usage,
             cpu_kv_usage=1.0 - bm.num_free_cpu_blocks / max(bm.num_cpu_blocks, 1),
-            num_free_gpu_blocks=bm.num_free_gpu_blocks,
             num_total_gpu_blocks=bm.num_gpu_blocks,
-            num_free_cpu_blocks=bm.num_free_cpu_blocks,
             num_total_cpu_blocks=bm.num_cpu_blocks,
-            num_cached_blocks=bm.num_cached_blocks,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
             preemptions_by_mode=dict(s.num_preemptions),
             num_preemptions=sum(s.num_preemptions.values()),
             blocks_swapped_out=s.num_blocks_swapped_out,
             blocks_swapped_in=s.num_blocks_swapped_in,
             prompt_tokens=s.num_prompt_tokens,
             generation_tokens=s.num_generation_tokens,
-            num_steps=s.num_steps,
             num_steps_scheduled_ahead=s.num_steps_ahead,
+            **{name: getattr(bm, name) for name in _SAME_NAME_ON_BLOCK_MANAGER},
+            **{name: getattr(s, name) for name in _SAME_NAME_ON_SCHEDULER},
         )
+
+
+# Fields read under their own name.
+_SAME_NAME_ON_BLOCK_MANAGER = ("num_free_gpu_blocks", "num_free_cpu_blocks", "num_cached_blocks")
+_SAME_NAME_ON_SCHEDULER = ("prefix_cache_queries", "prefix_cache_hits", "num_steps")
 
 
 @dataclass(frozen=True, slots=True)

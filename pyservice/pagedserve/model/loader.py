@@ -139,12 +139,16 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
     # stay finite and non-degenerate at any depth, which benchmarks and tests rely on.
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
+        _dummy_fill(name, p, gen)
+
+
+def _dummy_fill(name: str, tensor: torch.Tensor, gen: torch.Generator) -> None:
+    if name.endswith("norm.weight"):
+        tensor.fill_(1.0)
+    elif name.endswith(".bias"):
+        tensor.zero_()
+    else:
+        tensor.normal_(0.0, 0.02, generator=gen)
 
 
 def _dummy_checkpoint(cfg: ModelConfig, seed: int, device: str,
@@ -159,12 +163,7 @@ def _dummy_checkpoint(cfg: ModelConfig, seed: int, device: str,
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in whole.named_parameters():
         full = torch.empty(p.shape, dtype=dtype, device=device)
-        if name.endswith("norm.weight"):
-            full.fill_(1.0)
-        elif name.endswith(".bias"):
-            full.zero_()
-        else:
-            full.normal_(0.0, 0.02, generator=gen)
+        _dummy_fill(name, full, gen)
         names = fused_checkpoint_names(name)
         sizes = whole.get_submodule(name.rpartition(".")[0]).output_sizes if len(names) > 1 else [p.shape[0]]
         yield from zip(names, full.split(sizes))

@@ -48,20 +48,8 @@ class EngineCollector:
         stats = self.stats() if self.stats is not None else None
         if stats is None:
             return
-        yield _gauge("num_requests_running", "Requests whose KV cache is on the GPU "
-                     "(prefilling or decoding).", stats.num_running)
-        yield _gauge("num_requests_waiting", "Requests queued for admission, including "
-                     "those preempted by recompute.", stats.num_waiting)
-        yield _gauge("num_requests_swapped", "Requests preempted to the CPU swap pool.",
-                     stats.num_swapped)
-        yield _gauge("kv_cache_usage_perc", "Fraction of GPU KV-cache blocks in use "
-                     "(0 to 1).", stats.gpu_kv_usage)
-        yield _gauge("swap_space_usage_perc", "Fraction of CPU swap-pool blocks in use "
-                     "(0 to 1).", stats.cpu_kv_usage)
-        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                       stats.prefix_cache_queries)
-        yield _counter("prefix_cache_hits", "Prompt tokens found computed in the prefix "
-                       "cache.", stats.prefix_cache_hits)
+        for kind, name, doc, attribute in _ENGINE_METRICS:
+            yield kind(f"pagedserve:{name}", doc, value=getattr(stats, attribute))
         preemptions = CounterMetricFamily(
             "pagedserve:num_preemptions", "Requests preempted, by mode.", labels=["mode"])
         for mode, n in sorted(stats.preemptions_by_mode.items()):
@@ -73,19 +61,29 @@ class EngineCollector:
         swapped.add_metric(["out"], stats.blocks_swapped_out)
         swapped.add_metric(["in"], stats.blocks_swapped_in)
         yield swapped
-        yield _counter("engine_steps", "Engine iterations (schedule, forward, sample) run.",
-                       stats.num_steps)
-        yield _counter("prefill_computed_tokens", "Tokens run through prefill forwards: "
-                       "prompts less prefix-cache hits, plus recomputed histories.",
-                       stats.prompt_tokens)
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"pagedserve:{name}", doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(f"pagedserve:{name}", doc, value=value)
+# The engine's gauges and plain counters: (kind, name, help, EngineStats attribute).
+_ENGINE_METRICS = (
+    (GaugeMetricFamily, "num_requests_running",
+     "Requests whose KV cache is on the GPU (prefilling or decoding).", "num_running"),
+    (GaugeMetricFamily, "num_requests_waiting",
+     "Requests queued for admission, including those preempted by recompute.", "num_waiting"),
+    (GaugeMetricFamily, "num_requests_swapped",
+     "Requests preempted to the CPU swap pool.", "num_swapped"),
+    (GaugeMetricFamily, "kv_cache_usage_perc",
+     "Fraction of GPU KV-cache blocks in use (0 to 1).", "gpu_kv_usage"),
+    (GaugeMetricFamily, "swap_space_usage_perc",
+     "Fraction of CPU swap-pool blocks in use (0 to 1).", "cpu_kv_usage"),
+    (CounterMetricFamily, "prefix_cache_queries",
+     "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+    (CounterMetricFamily, "prefix_cache_hits",
+     "Prompt tokens found computed in the prefix cache.", "prefix_cache_hits"),
+    (CounterMetricFamily, "engine_steps",
+     "Engine iterations (schedule, forward, sample) run.", "num_steps"),
+    (CounterMetricFamily, "prefill_computed_tokens", "Tokens run through prefill forwards: "
+     "prompts less prefix-cache hits, plus recomputed histories.", "prompt_tokens"),
+)
 
 
 class Metrics:

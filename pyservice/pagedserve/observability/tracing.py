@@ -22,6 +22,7 @@ the call's metadata (`traceparent`, `tracestate`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -229,42 +230,38 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         kwargs = dict(request_deserializer=handler.request_deserializer,
                       response_serializer=handler.response_serializer)
 
-        def start(context) -> trace.Span:
+        @contextlib.contextmanager
+        def traced(context):
             span = self.tracer.start_span(
                 f"{service}/{method}", context=extract_context(details.invocation_metadata),
                 kind=SpanKind.SERVER,
                 attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
             _set_peer(span, context.peer())
             _rpc_span.set(span)  # the RPC runs in its own task: no reset needed
-            return span
+            error = None
+            try:
+                yield
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                _end(span, context, error)
 
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             async def unary(request, context):
-                span, error = start(context), None
-                try:
+                with traced(context):
                     return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    _end(span, context, error)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
             async def unary_stream(request, context):
-                span, error = start(context), None
-                try:
+                with traced(context):
                     async for message in stream_behavior(request, context):
                         yield message
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    _end(span, context, error)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
         return handler

@@ -107,9 +107,7 @@ def _check_prompt_bytes(field: str, size: int, limits: Limits) -> None:
 def _check_messages(messages: pb.ChatMessages, limits: Limits) -> None:
     if not messages.messages:
         raise InvalidArgument("messages must not be empty")
-    if len(messages.messages) > limits.max_messages:
-        raise InvalidArgument(f"messages has {len(messages.messages)} entries, more than the "
-                              f"server's cap of {limits.max_messages}")
+    _check_count("messages", "entries", len(messages.messages), limits.max_messages)
     for i, message in enumerate(messages.messages):
         if not message.role:
             raise InvalidArgument(f"messages[{i}].role must not be empty")
@@ -126,19 +124,16 @@ def _check_sampling(sampling: pb.SamplingParams, limits: Limits) -> None:
         raise InvalidArgument(
             f"sampling.max_tokens must be in [1, {limits.max_model_len}] (max_model_len), "
             f"got {sampling.max_tokens}")
-    if len(sampling.stop) > limits.max_stop_strings:
-        raise InvalidArgument(
-            f"sampling.stop has {len(sampling.stop)} strings, more than the server's cap of "
-            f"{limits.max_stop_strings}")
+    _check_count("sampling.stop", "strings", len(sampling.stop), limits.max_stop_strings)
     for i, stop in enumerate(sampling.stop):
-        if len(stop) > limits.max_stop_string_chars:
-            raise InvalidArgument(
-                f"sampling.stop[{i}] has {len(stop)} characters, more than the server's cap "
-                f"of {limits.max_stop_string_chars}")
-    if len(sampling.stop_token_ids) > limits.max_stop_token_ids:
-        raise InvalidArgument(
-            f"sampling.stop_token_ids has {len(sampling.stop_token_ids)} ids, more than the "
-            f"server's cap of {limits.max_stop_token_ids}")
+        _check_count(f"sampling.stop[{i}]", "characters", len(stop), limits.max_stop_string_chars)
+    _check_count("sampling.stop_token_ids", "ids", len(sampling.stop_token_ids),
+                 limits.max_stop_token_ids)
     if sampling.WhichOneof("constraint") == "json_object" and not sampling.json_object:
         raise InvalidArgument("sampling.json_object must be true when set (false asks for "
                               "no constraint: leave it unset)")
+
+
+def _check_count(field: str, what: str, count: int, cap: int) -> None:
+    if count > cap:
+        raise InvalidArgument(f"{field} has {count} {what}, more than the server's cap of {cap}")
