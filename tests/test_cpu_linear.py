@@ -1,4 +1,4 @@
-"""oneDNN-packed bfloat16 projections on CPU (ops/cpu_linear.py)."""
+"""oneDNN-packed bfloat16 and float32 projections on CPU (ops/cpu_linear.py)."""
 
 from __future__ import annotations
 
@@ -38,15 +38,19 @@ def test_packed_linear_takes_strided_rows():
     assert torch.allclose(out.float(), F.linear(x.contiguous(), w).float(), atol=0.1, rtol=0.02)
 
 
-def test_pack_model_packs_bf16_cpu_linears_only():
-    model = torch.nn.Sequential(Linear(16, 8), Linear(8, 4), torch.nn.Linear(4, 2))
-    assert cpu_linear.pack_model(model) == 0          # float32: F.linear stays
-    assert all(getattr(m, "packed_weight", None) is None for m in model)
-    model = model.bfloat16()
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 0.05), (torch.float32, 1e-5)])
+def test_pack_model_packs_our_cpu_linears_only(dtype, atol):
+    model = torch.nn.Sequential(Linear(16, 8), Linear(8, 4), torch.nn.Linear(4, 2)).to(dtype)
     assert cpu_linear.pack_model(model) == 2          # torch's own nn.Linear has no slot
-    x = torch.randn(5, 16).bfloat16()
+    x = torch.randn(5, 16).to(dtype)
     with torch.no_grad():
         packed = model[1](model[0](x))
         model[0].packed_weight = model[1].packed_weight = None
         plain = model[1](model[0](x))
-    assert torch.allclose(packed.float(), plain.float(), atol=0.05, rtol=0.02)
+    assert torch.allclose(packed.float(), plain.float(), atol=atol, rtol=atol)
+
+
+def test_pack_model_leaves_other_dtypes_alone():
+    model = torch.nn.Sequential(Linear(16, 8)).half()
+    assert cpu_linear.pack_model(model) == 0
+    assert model[0].packed_weight is None

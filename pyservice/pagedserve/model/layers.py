@@ -53,8 +53,9 @@ class AttentionMetadata:
 
 class Linear(nn.Linear):
     """nn.Linear through `ops.linear`: a small decode step's projections stream their
-    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse. On CPU in
-    bfloat16, `ops.cpu_linear.pack_model` may set a oneDNN-packed copy of the weight."""
+    weights with the GEMV kernel on CUDA instead of a GEMM tiled for reuse. On CPU
+    (bfloat16, float32), `ops.cpu_linear.pack_model` sets a oneDNN-packed copy of the
+    weight."""
 
     packed_weight: torch.Tensor | None = None
 
