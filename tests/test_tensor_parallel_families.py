@@ -40,7 +40,7 @@ def generate_recording(llm: LLM, prompts) -> tuple[list[list[int]], dict]:
         for row, i in enumerate(sample_works):
             w = work[i]
             key = (index[tuple(w.prompt_token_ids)], w.start_pos + len(w.token_ids) - 1)
-            seen[key] = logits[row].clone()
+            seen[key] = logits[row].float().cpu()
         return logits, sample_works
 
     runner.forward_logits = recording
