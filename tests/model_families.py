@@ -14,7 +14,24 @@ _COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_
                eos_token_id=2, bos_token_id=1)
 
 
-def tiny_config(kind: str):
+def greedy_prompts() -> list[list[int]]:
+    """The 8 prompts of the greedy parity tests: longer than the window and than Phi-3's
+    original context (LongRoPE's long factors), of repeated and distinct lengths."""
+    g = torch.Generator().manual_seed(7)
+    lens = [17, 23, 17, 31, 40, 19, 23, 28]
+    assert min(lens) > max(PHI3_ORIGINAL_CONTEXT, WINDOW)
+    return [torch.randint(3, 320, (n,), generator=g).tolist() for n in lens]
+
+
+def tiny_config(kind: str, **overrides):
+    """`overrides`: config fields to change (e.g. num_key_value_heads)."""
+    cfg = _tiny_config(kind)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _tiny_config(kind: str):
     import transformers as tf
 
     if kind == "qwen3":  # per-head q/k norms, tied embeddings
@@ -47,13 +64,14 @@ def tiny_config(kind: str):
     raise AssertionError(kind)
 
 
-def save_tiny(kind: str, path, dtype=torch.float32, **save_kwargs):
+def save_tiny(kind: str, path, dtype=torch.float32, overrides: dict | None = None,
+              **save_kwargs):
     """Random weights (norms and biases too, so a dropped or mis-offset one shows),
     saved with save_pretrained; returns the float32 transformers model."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    hf = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+    hf = AutoModelForCausalLM.from_config(tiny_config(kind, **(overrides or {}))).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith(".bias") or "norm" in name:

@@ -16,7 +16,7 @@ from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES, model_class
 
 from model_driver import GREEDY
-from model_families import FAMILIES, PHI3_ORIGINAL_CONTEXT, WINDOW, save_tiny
+from model_families import FAMILIES, WINDOW, greedy_prompts, save_tiny
 from test_model import all_logits, hf_greedy
 
 EXPECTED = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -77,10 +77,7 @@ def test_logits_match_transformers(kind, tmp_path):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_greedy_generate_matches_transformers(kind, tmp_path):
     hf = save_tiny(kind, tmp_path)
-    g = torch.Generator().manual_seed(7)
-    lens = [17, 23, 17, 31, 40, 19, 23, 28]  # > Phi-3's original context of 16
-    assert min(lens) > PHI3_ORIGINAL_CONTEXT and max(lens) > WINDOW
-    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in lens]
+    prompts = greedy_prompts()
     llm = LLM(str(tmp_path), device="cpu", dtype="float32", block_size=4, num_kv_blocks=200,
               swap_space_gb=0)
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))

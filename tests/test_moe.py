@@ -12,13 +12,18 @@ from model_families import tiny_config
 ARCH = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
+def _hf_config(kind: str):
+    cfg = tiny_config(kind)
+    cfg.architectures = [ARCH[kind]]
+    return cfg
+
+
 def _blocks(kind: str):
     """(transformers' sparse MoE block, ours) with the same random weights."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    hf_cfg = tiny_config(kind)
-    hf_cfg.architectures = [ARCH[kind]]
+    hf_cfg = _hf_config(kind)
     torch.manual_seed(3)
     hf = (Qwen3MoeSparseMoeBlock if kind == "qwen3_moe" else MixtralSparseMoeBlock)(hf_cfg).eval()
     with torch.no_grad():
@@ -83,3 +88,33 @@ def test_every_path_of_the_experts_agrees():
         loop = ours.experts._sorted_loop(x, w, ids)
         dense = ours.experts._dense(x, w, ids)
     torch.testing.assert_close(dense, loop, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_experts_split_by_intermediate_size_sum_to_the_whole(kind):
+    """Tensor parallelism: each of two ranks holds half of every expert's intermediate
+    dimension (read through `Experts.rank_parts`, as loading does) and the same router;
+    the two partial expert sums add up (the all-reduce) to the whole block's output, on
+    the batch with tied and idle experts, through the CPU loop and the dense form."""
+    from pagedserve.model.parallel import TensorParallel
+
+    _, whole = _blocks(kind)
+    experts = whole.experts
+    x = _tokens(40)
+    ranks = []
+    for r in range(2):
+        part = SparseMoe(ModelConfig.from_hf(_hf_config(kind)), TensorParallel(r, 2))
+        part.gate.load_state_dict(whole.gate.state_dict())
+        for param in ("gate_up_proj", "down_proj"):
+            src, dst = getattr(whole.experts, param).data, getattr(part.experts, param).data
+            for index, p in part.experts.rank_parts(param):
+                assert tuple(p.full_shape) == tuple(src.shape)
+                dst[index] = src[p.index]
+        assert part.experts.down_proj.shape == (experts.num_experts, 64, experts.intermediate // 2)
+        ranks.append(part)
+    with torch.no_grad():
+        w, ids = route(whole.gate(x), whole.top_k, whole.renormalize, torch.float32)
+        want = whole.experts._sorted_loop(x, w, ids)
+        for path in ("_sorted_loop", "_dense"):
+            got = sum(getattr(p.experts, path)(x, w, ids) for p in ranks)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

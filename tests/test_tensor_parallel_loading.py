@@ -1,7 +1,7 @@
 """Tensor-parallel loading without a process group: each rank's slice of the checkpoint
 (read from memory-mapped safetensors), the exact-once check per rank, packing the
-slice, the CPU threads shared between ranks, and the families not sharded yet refused
-before any process starts."""
+slice, the CPU threads shared between ranks, and every family's slices (Phi-3's fused
+checkpoint tensors and the MoE experts included) checked against the whole model."""
 
 from __future__ import annotations
 
@@ -144,31 +144,74 @@ def test_cpu_threads_are_shared_between_a_node_s_ranks(monkeypatch):
     assert split_cpu_threads(gpu, 2) is gpu  # GPU ranks keep their setting
 
 
+def expected_slice(name: str, full: torch.Tensor, cfg: ModelConfig, r: int) -> torch.Tensor:
+    """Rank r's part of the single-process parameter `full` over 2 ranks, written out
+    independently of model/parallel.py: q heads, KV heads (replicated when only one),
+    gate rows and up rows each halved; row-parallel and expert down columns halved; the
+    vocabulary halved; the rest (norms, routers) whole."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if name.endswith("qkv_proj.weight"):
+        k, v = full[q:q + kv], full[q + kv:]
+        if cfg.num_kv_heads > 1:
+            k, v = k.chunk(2)[r], v.chunk(2)[r]
+        return torch.cat([full[:q].chunk(2)[r], k, v])
+    if name.endswith("mlp.gate_up_proj.weight"):
+        gate, up = full.chunk(2)
+        return torch.cat([gate.chunk(2)[r], up.chunk(2)[r]])
+    if name.endswith("experts.gate_up_proj"):  # [experts, gate rows | up rows, hidden]
+        gate, up = full.chunk(2, dim=1)
+        return torch.cat([gate.chunk(2, dim=1)[r], up.chunk(2, dim=1)[r]], dim=1)
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+        return full.chunk(2, dim=-1)[r]
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return full.chunk(2)[r]  # vocabulary 320: no padding row
+    return full
+
+
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_families_not_sharded_yet_are_refused_by_name(kind):
-    cfg = ModelConfig.from_hf(tiny_config(kind))
-    check_shardable(cfg, 1)  # one process serves them as before
-    with pytest.raises(ValueError, match=rf"tensor_parallel_size 2: {cfg.architecture} models "
-                                         rf"are not sharded yet \(.+\); serve this model with "
-                                         rf"tensor_parallel_size 1"):
-        check_shardable(cfg, 2)
+def test_every_family_s_ranks_hold_their_slices(kind, load_format, tmp_path, monkeypatch):
+    """Safetensors: each rank reads exactly the elements it holds (Phi-3's fused qkv_proj
+    and gate_up_proj part by part, with one KV head replicated on both ranks). Dummy
+    weights: the same random model at either size (stacked expert tensors, Gemma's
+    folded norm offset)."""
+    save_tiny(kind, tmp_path, overrides={"num_key_value_heads": 1} if kind == "phi3" else None)
+    source = ModelSource(directory=str(tmp_path), origin=str(tmp_path))
+    cfg = load_model_config(source)
+    fmt = "dummy" if load_format == "dummy" else "auto"
+
+    def load(tp):
+        return load_model(source, cfg, device="cpu", dtype=torch.float32, max_model_len=64,
+                          load_format=fmt, tp=tp)
+
+    whole = dict(load(TensorParallel()).named_parameters())
+    real_iter = loader._iter_hf_dir
+    for r in range(2):
+        read: list[int] = []
+        monkeypatch.setattr(loader, "_iter_hf_dir", lambda source, read=read: (
+            (name, CountingSlice(t, read)) for name, t in real_iter(source)))
+        rank = load(TensorParallel(r, 2))
+        params = dict(rank.named_parameters())
+        assert params.keys() == whole.keys()
+        for name, p in params.items():
+            assert torch.equal(p, expected_slice(name, whole[name], cfg, r)), (kind, r, name)
+        if load_format == "safetensors":
+            assert sum(read) == sum(p.numel() for p in rank.parameters())
 
 
-def test_an_unsharded_family_fails_start_up_before_any_process(tmp_path):
-    save_tiny("qwen3_moe", tmp_path)
-    with pytest.raises(ValueError, match=r"Qwen3MoeForCausalLM models are not sharded yet "
-                                         r"\(sparse MoE layers, per-head q/k norms\)"):
-        LLM(str(tmp_path), tensor_parallel_size=2, device="cpu", dtype="float32")
+def test_shapes_that_do_not_divide_are_refused_by_name():
+    moe = ModelConfig.from_hf(tiny_config("qwen3_moe", moe_intermediate_size=30))
+    check_shardable(moe, 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size 4 must divide the model's expert "
+                                         "intermediate size 30"):
+        check_shardable(moe, 4)
+    check_shardable(moe, 2)
+    for kind in FAMILIES:
+        check_shardable(ModelConfig.from_hf(tiny_config(kind)), 2)
+
+
+def test_an_unshardable_shape_fails_start_up_before_any_process(tmp_path):
+    save_tiny("qwen3_moe", tmp_path, overrides={"moe_intermediate_size": 30})
+    with pytest.raises(ValueError, match="must divide the model's expert intermediate size 30"):
+        LLM(str(tmp_path), tensor_parallel_size=4, device="cpu", dtype="float32")
     assert not torch.distributed.is_initialized()
-
-
-def test_the_dense_llama_config_still_shards():
-    cfg = ModelConfig.from_hf(_llama_hf())
-    check_shardable(cfg, 2)
-
-
-def _llama_hf():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
-                       num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS)

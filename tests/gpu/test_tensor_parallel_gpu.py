@@ -1,5 +1,7 @@
 """Tensor parallelism over NCCL: two GPUs, a random-weight Llama (dummy weights are
-the same model at any tensor-parallel size), greedy float32.
+the same model at any tensor-parallel size), greedy float32; and every other family
+(Qwen3, Qwen3-MoE, Mixtral, Gemma 3, Phi-3 with one KV head, windowed Mistral) from its
+tiny saved checkpoint.
 
 Skipped unless two GPUs are visible. TP=2 must give exactly the tokens of TP=1, with
 and without forced preemption; `pagedserve bench --tensor-parallel-size 2` must run.
@@ -8,12 +10,19 @@ and without forced preemption; `pagedserve bench --tensor-parallel-size 2` must 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from pagedserve import LLM, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model_families import FAMILIES, greedy_prompts, save_tiny  # noqa: E402
+from test_model import hf_greedy  # noqa: E402
+from test_tensor_parallel_families import (OVERRIDES, generate_recording,  # noqa: E402
+                                           max_diff, transformers_logits)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
@@ -67,3 +76,25 @@ def test_throughput_benchmark_with_tensor_parallelism(model_dir):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["tensor_parallel_size"] == 2 and result["output_tokens_per_s"] > 0
     print(result)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_every_family_tp2_equals_tp1_and_transformers_on_nccl(kind, tmp_path):
+    """TP=1 replays decode CUDA graphs, TP=2 runs eagerly: the same tokens either way."""
+    hf = save_tiny(kind, tmp_path, overrides=OVERRIDES.get(kind))
+    prompts = greedy_prompts()
+    settings = dict(device="cuda", dtype="float32", block_size=4, num_kv_blocks=400,
+                    swap_space_gb=0)
+    with LLM(str(tmp_path), **settings) as llm:
+        single, single_logits = generate_recording(llm, prompts)
+    with LLM(str(tmp_path), tensor_parallel_size=2, **settings) as llm:
+        sharded, sharded_logits = generate_recording(llm, prompts)
+    assert not torch.distributed.is_initialized()
+    refs = hf_greedy(hf, prompts, 24)
+    for i, (two, one, ref) in enumerate(zip(sharded, single, refs)):
+        assert two == one == ref, f"{kind} prompt {i}"
+    vs_single = max_diff(sharded_logits, single_logits)
+    vs_hf = max_diff(sharded_logits, transformers_logits(hf, prompts, sharded))
+    print(f"{kind}: NCCL TP=2 max |logits - TP=1| = {vs_single:.2e}, "
+          f"max |logits - transformers (CPU)| = {vs_hf:.2e}")
+    assert vs_single < 2e-3 and vs_hf < 2e-3

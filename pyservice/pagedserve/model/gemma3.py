@@ -9,6 +9,11 @@
 - local layers attend within a sliding window with their own RoPE base, global layers
   attend to everything with theirs (config.layer_types says which is which);
 - logits soft-capped (tanh) where the config sets final_logit_softcapping.
+
+Under tensor parallelism it shards as Llama does (same Attention, MLP, vocabulary-split
+embedding and head): the extra norms act on the all-reduced hidden states and are
+replicated, the embedding is scaled after its all-reduce, the soft-cap applies to the
+gathered logits, and windowed layers attend over each rank's own heads.
 """
 
 from __future__ import annotations
@@ -19,17 +24,18 @@ from torch import nn
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers import AttentionMetadata, RMSNorm, RotaryEmbedding
 from pagedserve.model.llama import MLP, Attention, LlamaForCausalLM
+from pagedserve.model.parallel import SINGLE, TensorParallel, VocabParallelEmbedding
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
         self.post_feedforward_layernorm = RMSNorm(h, eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -47,13 +53,11 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, tp=None):
-        # `tp`: unused; Gemma 3 is not sharded yet and parallel.check_shardable refuses
-        # tensor_parallel_size > 1 for it before this is built.
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.embed_scale = cfg.embed_scale or 1.0
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # one RoPE table per layer type ("full_attention", "sliding_attention")
         self.layer_rope = list(cfg.layer_rope)

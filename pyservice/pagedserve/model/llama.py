@@ -7,10 +7,12 @@ loop); only attention looks at sequence boundaries, through the paged ops. Q/K/V
 gate/up are fused into one weight each, filled from the checkpoint's separate tensors
 by `load_weights`.
 
-Under tensor parallelism (model/parallel.py) each rank builds the dense Llama layers
-with its slice of the heads, the MLP and the vocabulary, and `checkpoint_target` names
-the part of every checkpoint tensor the rank keeps; the families not sharded yet are
-refused before anything is built (`parallel.check_shardable`).
+Under tensor parallelism (model/parallel.py) each rank builds the layers with its slice
+of the heads, the MLP (or of every expert's intermediate dimension, model/moe.py) and the
+vocabulary, and `checkpoint_target` names the part of every checkpoint tensor the rank
+keeps. What a rank computes per head needs nothing more: per-head q/k norms (their
+weight is per head_dim, replicated), partial rotary and sliding windows apply to the
+rank's own heads exactly as to all of them.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoe(cfg) if cfg.moe_layers[layer_idx] else MLP(cfg, tp)
+        self.mlp = SparseMoe(cfg, tp) if cfg.moe_layers[layer_idx] else MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rope: RotaryEmbedding, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,11 +192,13 @@ class LlamaForCausalLM(nn.Module):
         parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
         if len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit():
             e, proj = int(parts[-3]), _EXPERT_PROJ.get(parts[-2], parts[-2])
-            base, i = ".".join(parts[:-3]), self.config.moe_intermediate_size
+            base = ".".join(parts[:-3])
             if proj == "down_proj":
-                return base + ".down_proj", (e,)
-            rows = {"gate_proj": slice(0, i), "up_proj": slice(i, 2 * i)}.get(proj)
-            return (base + ".gate_up_proj", (e, rows)) if rows else (name, ())
+                return self._expert_targets(base, proj, e)
+            shard = {"gate_proj": 0, "up_proj": 1}.get(proj)
+            return (name, ()) if shard is None else self._expert_targets(base, "gate_up_proj", e, shard)
+        if len(parts) >= 3 and parts[-2] == "experts" and parts[-1] in ("gate_up_proj", "down_proj"):
+            return self._expert_targets(".".join(parts[:-1]), parts[-1])  # stacked (transformers 5)
         if len(parts) >= 3 and parts[-2] in _FUSED:
             fused, shard = _FUSED[parts[-2]]
             target = ".".join(parts[:-2] + [fused, parts[-1]])
@@ -203,7 +207,20 @@ class LlamaForCausalLM(nn.Module):
             lo, hi = self._shard_slice(fused, shard)
             return target, (slice(lo, hi),)
         target = ".".join(parts)
+        owner = self._modules_by_name().get(".".join(parts[:-1]))
+        if hasattr(owner, "fused_rank_parts"):  # Phi-3: qkv_proj / gate_up_proj fused already
+            return [(target, index, part) for index, part in owner.fused_rank_parts(parts[-1])]
         return self._rank_target(target, 0) if self.tp.size > 1 else (target, ())
+
+    def _expert_targets(self, base: str, param: str, expert: int | None = None,
+                        shard: int | None = None) -> Target:
+        """Where an expert tensor goes (model/moe.Experts.rank_parts): one expert's slice
+        of the stacked parameters, or every expert's from a stacked checkpoint tensor."""
+        experts = self._modules_by_name().get(base)
+        if not hasattr(experts, "rank_parts"):
+            return f"{base}.{param}", ()  # no experts here: named as having no place
+        return [(f"{base}.{param}", index, part)
+                for index, part in experts.rank_parts(param, expert, shard)]
 
     def _rank_target(self, target: str, shard: int) -> Target:
         """This rank's part of a checkpoint tensor: the sharded layers say which rows or

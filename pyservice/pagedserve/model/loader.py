@@ -142,9 +142,10 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
         _dummy_fill(name, p, gen)
 
 
-def _dummy_fill(name: str, tensor: torch.Tensor, gen: torch.Generator) -> None:
+def _dummy_fill(name: str, tensor: torch.Tensor, gen: torch.Generator,
+                norm: float = 1.0) -> None:
     if name.endswith("norm.weight"):
-        tensor.fill_(1.0)
+        tensor.fill_(norm)
     elif name.endswith(".bias"):
         tensor.zero_()
     else:
@@ -163,7 +164,8 @@ def _dummy_checkpoint(cfg: ModelConfig, seed: int, device: str,
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in whole.named_parameters():
         full = torch.empty(p.shape, dtype=dtype, device=device)
-        _dummy_fill(name, full, gen)
+        # unit norms once load_weights has folded Gemma's (1 + w) offset in
+        _dummy_fill(name, full, gen, norm=1.0 - cfg.norm_offset)
         names = fused_checkpoint_names(name)
         sizes = whole.get_submodule(name.rpartition(".")[0]).output_sizes if len(names) > 1 else [p.shape[0]]
         yield from zip(names, full.split(sizes))

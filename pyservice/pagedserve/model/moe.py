@@ -23,6 +23,8 @@ from torch import nn
 from pagedserve.model.activation import act_and_mul
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers import Linear
+from pagedserve.model.parallel import SINGLE, TensorParallel
+from pagedserve.model.weights import Part
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
@@ -36,11 +38,37 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str):
+    """Every expert's [gate | up] and down, stacked; under tensor parallelism this rank's
+    slice of each expert's intermediate dimension (`intermediate` is the full size)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str,
+                 tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_experts, self.intermediate, self.act = num_experts, intermediate, act
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.tp, self.full_intermediate, self.hidden = tp, intermediate, hidden
+        self.num_experts, self.intermediate, self.act = num_experts, intermediate // tp.size, act
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, self.intermediate))
+
+    def rank_parts(self, param: str, expert: int | None = None,
+                   shard: int | None = None) -> list[tuple[tuple, Part]]:
+        """Where our slice of a checkpoint tensor goes and which part of it we read.
+        `expert` None: the stacked tensor of every expert (transformers 5's in-memory
+        `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I]); else one expert's tensor,
+        `shard` 0 (gate) or 1 (up) for gate_up_proj."""
+        i, full_i, r = self.intermediate, self.full_intermediate, self.tp.rank
+        cols = slice(r * i, (r + 1) * i)  # our rows of the intermediate dimension
+        if param == "down_proj":
+            if expert is None:
+                return [((), Part((self.num_experts, self.hidden, full_i),
+                                  (slice(None), slice(None), cols)))]
+            return [((expert,), Part((self.hidden, full_i), (slice(None), cols)))]
+        if expert is None:  # gate rows then up rows of every expert, each sliced
+            full = (self.num_experts, 2 * full_i, self.hidden)
+            return [((slice(None), slice(s * i, (s + 1) * i)),
+                     Part(full, (slice(None), slice(s * full_i + r * i, s * full_i + (r + 1) * i))))
+                    for s in (0, 1)]
+        return [((expert, slice(shard * i, (shard + 1) * i)),
+                 Part((full_i, self.hidden), (cols,)))]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), as x's dtype."""
@@ -104,15 +132,20 @@ def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class SparseMoe(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Router (replicated under tensor parallelism) and experts; Qwen3-MoE and Mixtral
+    have no shared expert."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.tp = tp
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.weights_in_model_dtype = cfg.moe_weights_in_model_dtype
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                               cfg.hidden_act)
+                               cfg.hidden_act, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if self.weights_in_model_dtype else torch.float32
         weights, ids = route(self.gate(x), self.top_k, self.renormalize, dtype)
-        return self.experts(x, weights, ids)
+        # each rank's sum covers its slice of every expert's intermediate dimension
+        return self.tp.all_reduce(self.experts(x, weights, ids))

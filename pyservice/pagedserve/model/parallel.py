@@ -12,8 +12,8 @@ its parameter, which rows or columns of the tensor); model/weights.py reads that
 with plain indexing, which both a torch tensor and a memory-mapped safetensors slice
 (`safe_open(...).get_slice(name)`) accept, so a rank reads only its bytes.
 
-Sharded so far: the dense Llama decoder (Llama, Mistral without a sliding window,
-Qwen2, SmolLM2). `check_shardable` refuses the others by name before anything loads.
+Every family of the registry shards this way (per-family details: the decoders' and
+model/moe.py's docstrings); `check_shardable` refuses only shapes that do not divide.
 """
 
 from __future__ import annotations
@@ -69,42 +69,24 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
-def unsharded_features(cfg) -> list[str]:
-    """What in model config `cfg` (model/config.ModelConfig) the sharded layers do not
-    cover yet; empty when the model shards."""
-    features = []
-    if any(cfg.moe_layers):
-        features.append("sparse MoE layers")
-    if cfg.qk_norm:
-        features.append("per-head q/k norms")
-    if any(w is not None for w in cfg.layer_windows):
-        features.append("sliding-window attention")
-    if cfg.norm_offset or cfg.embed_scale or cfg.final_logit_softcapping:
-        features.append("Gemma-style norms and scales")
-    if cfg.architecture == "Phi3ForCausalLM":
-        features.append("fused checkpoint projections")
-    return features
-
-
 def check_shardable(cfg, tp_size: int) -> None:
-    """ValueError unless model config `cfg` splits evenly over `tp_size` ranks with the
-    layers sharded so far."""
+    """ValueError unless model config `cfg` (model/config.ModelConfig) splits evenly over
+    `tp_size` ranks: heads, KV heads (split or replicated), the dense and the expert
+    intermediate sizes, the vocabulary."""
     if tp_size == 1:
         return
-    features = unsharded_features(cfg)
-    if features:
-        raise ValueError(f"tensor_parallel_size {tp_size}: {cfg.architecture} models are not "
-                         f"sharded yet ({', '.join(features)}); serve this model with "
-                         f"tensor_parallel_size 1")
     if cfg.num_heads % tp_size:
         raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's "
                          f"{cfg.num_heads} query heads")
     if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
         raise ValueError(f"tensor_parallel_size {tp_size} and the model's {cfg.num_kv_heads} KV "
                          f"heads must divide one another (heads are split, or replicated)")
-    if cfg.intermediate_size % tp_size:
+    if not all(cfg.moe_layers) and cfg.intermediate_size % tp_size:
         raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's "
                          f"intermediate size {cfg.intermediate_size}")
+    if any(cfg.moe_layers) and cfg.moe_intermediate_size % tp_size:
+        raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's expert "
+                         f"intermediate size {cfg.moe_intermediate_size}")
     if -(-cfg.vocab_size // tp_size) * (tp_size - 1) >= cfg.vocab_size:
         raise ValueError(f"tensor_parallel_size {tp_size} leaves a rank without vocabulary "
                          f"rows of the model's {cfg.vocab_size}")
@@ -141,6 +123,20 @@ class ColumnParallelLinear(Linear):
         start, end = self.shard_rows[shard]
         lo = self.offsets[shard]
         return (slice(lo, lo + end - start),), Part(full, (slice(start, end),))
+
+    def fused_rank_parts(self, param: str) -> list[tuple[tuple, Part]]:
+        """Our rows of a checkpoint tensor that already fuses every shard (Phi-3's
+        qkv_proj, gate_up_proj): for each shard, its rows of the fused tensor at that
+        shard's offset (q rows, k rows, v rows), never one contiguous run of it."""
+        fused_full = sum(self.output_sizes)
+        full = (fused_full,) + ((self.in_features,) if param == "weight" else ())
+        parts, base = [], 0
+        for shard, (start, end) in enumerate(self.shard_rows):
+            lo = self.offsets[shard]
+            parts.append(((slice(lo, lo + end - start),),
+                          Part(full, (slice(base + start, base + end),))))
+            base += self.output_sizes[shard]
+        return parts
 
 
 class QKVParallelLinear(ColumnParallelLinear):
