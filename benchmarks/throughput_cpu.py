@@ -27,6 +27,7 @@ import json
 import platform
 import random
 import time
+from collections import Counter
 
 import torch
 
@@ -69,25 +70,20 @@ def run_pagedserve(llm: LLM, workload) -> tuple[dict, dict[int, list[int]]]:
     ran that many decodes (what the ideal replays)."""
     engine = llm.engine
     llm.generate([list(range(1000, 1040))], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-    engine.scheduler.decode_batch_sizes.clear()
     contexts: dict[int, list[int]] = {}
     steps: list[tuple[int, int, float]] = []  # prefill tokens, decodes, seconds
-    execute = engine.runner.execute
 
-    def timed_execute(batch):
+    def observe(batch, seconds):
         decodes = [w.start_pos + 1 for w in batch.work if len(w.token_ids) == 1 and w.sample]
         contexts.setdefault(len(decodes), decodes)
-        start = time.perf_counter()
-        results = execute(batch)
         steps.append((sum(len(w.token_ids) for w in batch.work) - len(decodes), len(decodes),
-                      time.perf_counter() - start))
-        return results
+                      seconds))
 
     for i, (prompt, n) in enumerate(workload):
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n,
                                                            ignore_eos=True))
     before = engine.stats()
-    engine.runner.execute = timed_execute
+    engine.step_observer = observe
     start = time.perf_counter()
     produced = 0
     try:
@@ -96,7 +92,7 @@ def run_pagedserve(llm: LLM, workload) -> tuple[dict, dict[int, list[int]]]:
                 if out.finished:
                     produced += len(out.outputs[0].token_ids)
     finally:
-        del engine.runner.execute
+        engine.step_observer = None
     seconds = time.perf_counter() - start
     stats = engine.stats()
     assert produced == sum(n for _, n in workload), "every request gets its tokens"
@@ -108,7 +104,7 @@ def run_pagedserve(llm: LLM, workload) -> tuple[dict, dict[int, list[int]]]:
             "seconds_in_steps_with_prefill": sum(t for p, _, t in steps if p),
             "seconds_in_decode_only_steps": sum(t for p, _, t in steps if not p),
             "seconds_outside_the_runner": seconds - runner_seconds,
-            "decode_batch_sizes": dict(sorted(engine.scheduler.decode_batch_sizes.items())),
+            "decode_batch_sizes": dict(sorted(Counter(d for _, d, _ in steps if d).items())),
             }, contexts
 
 
