@@ -64,6 +64,20 @@ def timed(fn, cuda: bool) -> tuple[float, float | None]:
     return 1e3 * (time.perf_counter() - start), ev0.elapsed_time(ev1)
 
 
+def resize_kv_cache(runner, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+    """New empty KV pools at another block size on the loaded runner (the model loads
+    once for the whole study); the old pools are freed first. Only this study changes
+    the block size of a live runner, so it reaches into the runner's pool setup here."""
+    if runner.graphs is not None:
+        raise ValueError("resize_kv_cache: CUDA graphs hold the old pools; use cuda_graphs=False")
+    runner.gpu_cache, runner.cpu_cache = [], []
+    runner._bind_caches()
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    runner.block_size, runner.num_gpu_blocks, runner.num_cpu_blocks = block_size, num_gpu_blocks, num_cpu_blocks
+    runner._allocate_caches()
+
+
 def swap_fn(runner, method: str, pairs, src_cache, dst_cache):
     """The runner's own swap for `auto`; ops' CUDA swap with a forced method otherwise."""
     if method == "auto":
@@ -272,7 +286,7 @@ def main(argv=None) -> dict:
         for bs in args.block_sizes:
             # At least one repeat's blocks (whole blocks per sequence) at the largest size.
             cpu_blocks = max(cpu_tokens // bs, args.num_seqs * -(-max(args.seq_lens) // bs))
-            runner.resize_kv_cache(bs, pool_tokens // bs, cpu_blocks)
+            resize_kv_cache(runner, bs, pool_tokens // bs, cpu_blocks)
             for length in args.seq_lens:
                 report["results"]["rows"].append(measure(runner, bs, length, args, runner.vocab_size, cuda))
                 save()
