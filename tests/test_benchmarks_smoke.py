@@ -3,28 +3,19 @@ benchmarks/preemption_block_size.py and benchmarks/prefill_engine.py: each scrip
 settings on the embedded model, then the JSON it wrote is checked for structure and
 for the relations its numbers must satisfy."""
 
+import importlib
 import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-latency = _load("latency")
-preemption = _load("preemption_block_size")
-prefill_engine = _load("prefill_engine")
+# benchmarks/ is on the path (pyproject's pytest pythonpath), as for the scripts themselves.
+import harness
+import latency
+import preemption_block_size as preemption
+import prefill_engine
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 TINY_WORKLOAD = ["--model", "default", "--device", "cpu", "--num-requests", "6", "--min-prompt", "8",
@@ -174,9 +165,10 @@ def test_preemption_block_size_rejects_bad_settings():
         preemption.main(["--model", "default", "--device", "cpu", "--seq-lens", "64", "--pool-tokens", "64"])
 
 
-def test_benchmarks_import_throughput_helpers_not_copies():
-    assert latency.make_workload is sys.modules["throughput"].make_workload
-    assert latency.LLAMA_8B is sys.modules["throughput"].LLAMA_8B
+def test_benchmarks_import_harness_helpers_not_copies():
+    assert latency.make_workload is harness.make_workload
+    assert latency.LLAMA_8B is harness.LLAMA_8B
+    assert preemption.model_spec is harness.model_spec
 
 
 def test_llama8b_route_on_a_shrunken_config(tmp_path, monkeypatch):
@@ -202,7 +194,7 @@ def test_llama8b_route_on_a_shrunken_config(tmp_path, monkeypatch):
 
 
 def test_host_overhead_runs_every_request_to_its_length():
-    host = _load("host_overhead")
+    host = importlib.import_module("host_overhead")
     import argparse
 
     args = argparse.Namespace(num_requests=20, min_prompt=8, max_prompt=64, min_output=2, max_output=16,
@@ -217,7 +209,7 @@ def test_host_overhead_runs_every_request_to_its_length():
 
 def test_cpu_vs_vllm_summary_and_parity():
     """The comparison's arithmetic on made-up runs (the runs themselves need vLLM's venv)."""
-    bench = _load("cpu_vs_vllm")
+    bench = importlib.import_module("cpu_vs_vllm")
     workload = bench.make_workload(48, 49152, 0)
     assert len(workload) == 48 and workload == bench.make_workload(48, 49152, 0)
     assert all(16 <= len(p) <= 256 and 8 <= n <= 128 and min(p) >= 1000 for p, n in workload)
