@@ -68,15 +68,28 @@ def _driver() -> str:
         return "unknown"
 
 
+def _commit() -> str:
+    """The checkout's commit, `+` when it has uncommitted changes ("unknown" outside git)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+" if dirty else "")) or "unknown"
+
+
 def environment(**extra) -> dict:
     """The machine and versions a figure was measured with (the record every report
     carries), plus `extra` keys of the script's own."""
     import torch
 
     cpu = cpu_description()
-    env = {"python": platform.python_version(), "machine": platform.machine(),
-           "processor": platform.processor(), "cpu": cpu["model"], "cpus": os.cpu_count(),
-           "cpu_flags": {k: v for k, v in cpu.items() if k not in ("model",)},
+    env = {"commit": _commit(), "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor(), "cpu": cpu.pop("model"), "cpus": os.cpu_count(),
+           "usable_cpus": cpu.pop("logical_cpus"), "cpu_flags": cpu,
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "transformers": _version("transformers"), "cuda": torch.version.cuda,
            "gpu": None}
