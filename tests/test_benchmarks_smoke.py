@@ -229,3 +229,34 @@ def test_cpu_vs_vllm_summary_and_parity():
                                  "ratio_min_max": [1.33, 1.47]}
     assert s["float32/busy"] == {"pagedserve": [100.0], "pagedserve_busy_over_idle": 0.48}
     assert bench.parity(runs) == {"float32": "1/2"}
+
+
+@pytest.mark.parametrize("mix, num, vocab, totals", [
+    (harness.GPU_MIX, 1000, 128256, (574455, 272124)),  # docs/throughput_gpu.json
+    (harness.GPU_MIX, 80, 128256, (45362, 25114)),  # docs/latency_gpu.json
+    (harness.CPU_MIX, 64, 49152, (8993, 4581)),  # docs/throughput_cpu_fp32.json
+    (harness.CPU_MIX, 48, 49152, (6298, 3388)),  # docs/throughput_cpu_vs_vllm.json
+])
+def test_the_shared_workload_is_the_one_the_published_figures_ran(mix, num, vocab, totals):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    harness.add_workload_args(ap, num_requests=num, mix=mix)
+    workload = harness.make_workload(ap.parse_args([]), vocab)
+    assert (sum(len(p) for p, _ in workload), sum(n for _, n in workload)) == totals
+    assert workload == harness.random_requests(num, vocab, 0, *mix)
+    assert min(min(p) for p, _ in workload) >= 1000 and max(max(p) for p, _ in workload) < vocab
+
+
+def test_the_timer_on_cpu_times_every_call_and_reports_no_device_time():
+    calls = []
+    wall, device = harness.timed(lambda: calls.append(1), cuda=False, reps=3)
+    assert calls == [1, 1, 1] and wall >= 0 and device is None
+
+
+def test_the_environment_record_names_machine_and_versions(tmp_path):
+    env = harness.environment(extra_key=7)
+    assert env["torch"] == torch.__version__ and env["extra_key"] == 7
+    assert env["python"] and env["cpu"] and env["cpus"] >= env["usable_cpus"] >= 1
+    harness.write_json(str(tmp_path / "r.json"), {"environment": env})
+    assert json.loads((tmp_path / "r.json").read_text())["environment"] == env
