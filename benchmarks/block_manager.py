@@ -14,12 +14,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import time
 
+from harness import environment, write_json
 from pagedserve._native import BlockManager
 
 
@@ -151,11 +150,8 @@ def main():
     args = ap.parse_args()
     step = bench_decode_step()
     sim = simulate_serving(num_requests=args.requests)
-    result = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-              "decode_step": step, "serving": sim}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    result = {"environment": environment(), "decode_step": step, "serving": sim}
+    write_json(args.out, result)
     print("decode-step bookkeeping, 256 sequences x 2048-token contexts:")
     print(f"  append_slots (one call)    median {step['append_slots_median_us']:7.1f} us"
           f"   p99 {step['append_slots_p99_us']:7.1f} us   (target < 50 us)")

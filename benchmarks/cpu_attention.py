@@ -21,13 +21,12 @@ gives the attention's share of a step.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import time
 
 import torch
 
+from harness import environment, write_json
 from pagedserve.ops import cpu_attention, reference
 
 LAYERS, HEADS, KV_HEADS, HEAD, BLOCK = 30, 9, 3, 64, 16
@@ -210,22 +209,8 @@ def main() -> None:
                              "block_size": BLOCK, "decode_context_lens": decode_lens(args.seed),
                              "prefill_lens": PREFILL_LENS},
                   "results": results,
-                  "environment": {"torch": torch.__version__, "threads": args.threads,
-                                  "cpu": _cpu_name(), "python": platform.python_version()}}
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+                  "environment": environment(threads=args.threads)}
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

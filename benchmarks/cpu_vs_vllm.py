@@ -38,11 +38,12 @@ import argparse
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import tempfile
 import time
+
+from harness import CPU_MIX, cpu_description, random_requests, write_json
 
 VLLM_KV_SPACE_GIB = "2"
 OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
@@ -106,12 +107,9 @@ def run_child(args) -> None:
 
 # ---------------------------------------------------------------- parent
 
-def make_workload(num_requests: int, vocab_size: int, seed: int, prompt=(16, 256),
-                  output=(8, 128)) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    low = min(1000, vocab_size // 2)  # clear of the special tokens at the start of the vocab
-    return [([rng.randrange(low, vocab_size) for _ in range(rng.randint(*prompt))],
-             rng.randint(*output)) for _ in range(num_requests)]
+def make_workload(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """Issue 21's requests: throughput_cpu.py's mix."""
+    return random_requests(num_requests, vocab_size, seed, *CPU_MIX)
 
 
 def save_float32_model(directory: str) -> None:
@@ -175,19 +173,6 @@ def _one_run(args, engine: str, dtype: str, workload_file: str, condition: str) 
 def _loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
-
-
-def cpu_description() -> dict:
-    model, flags = "", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    return {"model": model, "logical_cpus": len(os.sched_getaffinity(0)),
-            "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -261,15 +246,12 @@ def _report(args, workload, runs) -> dict:
         "workload": {"num_requests": args.num_requests, "seed": args.seed,
                      "prompt_tokens": sum(len(p) for p, _ in workload),
                      "output_tokens": sum(n for _, n in workload),
-                     "prompt_len": [16, 256], "output_len": [8, 128]},
+                     "prompt_len": list(CPU_MIX[0]), "output_len": list(CPU_MIX[1])},
         "summary": summarise(runs), "greedy_ids_agree": parity(runs),
         "cpu": cpu_description(), "python": platform.python_version(),
         "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs],
     }
-    if args.out:  # rewritten after every run: a long session keeps what it measured
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    write_json(args.out, report)  # rewritten after every run: a long session keeps what it measured
     return report
 
 

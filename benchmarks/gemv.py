@@ -14,14 +14,13 @@ bytes read per second, and that rate as a fraction of a device-to-device copy
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 import torch.nn.functional as F
 
-from kernel_bench import bench, environment  # benchmarks/kernel_bench.py
-
+from harness import copy_bandwidth, device_median, environment, write_json
+from pagedserve import ops
 from pagedserve.ops import _cuda_layer_ops
 
 SHAPES = {  # name: (N out features, K in features)
@@ -34,12 +33,6 @@ SHAPES = {  # name: (N out features, K in features)
 L2_BYTES = 50 << 20
 
 
-def copy_rate(nbytes: int = 1 << 30, iters: int = 20) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / bench(lambda: dst.copy_(src), iters, graph=False)
-
-
 def case(name: str, n: int, k: int, m: int, iters: int) -> dict:
     wbytes = n * k * 2
     copies = max(2, math.ceil(3 * L2_BYTES / wbytes))
@@ -49,8 +42,8 @@ def case(name: str, n: int, k: int, m: int, iters: int) -> dict:
     got = _cuda_layer_ops.gemv(x, ws[0]).double()
     lib = F.linear(x, ws[0]).double()
     scale = ref.abs().max().item()
-    t_gemv = bench(lambda: [_cuda_layer_ops.gemv(x, w) for w in ws], iters, calls=1) / copies
-    t_torch = bench(lambda: [F.linear(x, w) for w in ws], iters, calls=1) / copies
+    t_gemv = device_median(lambda: [_cuda_layer_ops.gemv(x, w) for w in ws], iters, calls=1) / copies
+    t_torch = device_median(lambda: [F.linear(x, w) for w in ws], iters, calls=1) / copies
     return {"name": name, "n": n, "k": k, "rows": m, "weight_bytes": wbytes,
             "gemv_s": t_gemv, "gemv_Bps": wbytes / t_gemv,
             "torch_s": t_torch, "torch_Bps": wbytes / t_torch,
@@ -64,17 +57,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
-    copy = copy_rate()
+    copy = copy_bandwidth()
     rows = []
     for m in (int(r) for r in args.rows.split(",")):
         for name, (n, k) in SHAPES.items():
             rows.append(case(name, n, k, m, args.iters))
             torch.cuda.empty_cache()
-    report = {"env": environment(), "copy_Bps": copy, "cases": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    report = {"env": environment(loader=ops.get_loader().name), "copy_Bps": copy, "cases": rows}
+    write_json(args.out, report)
     print(f"{report['env'].get('gpu', '')}: D2D copy {copy / 1e12:.2f} TB/s (read + write)")
     print(f"{'proj':<8}{'rows':>5}{'MB':>8}{'gemv us':>9}{'TB/s':>7}{'% copy':>8}"
           f"{'torch us':>10}{'TB/s':>7}{'torch/gemv':>12}{'rel err':>9}")

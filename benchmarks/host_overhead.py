@@ -23,22 +23,16 @@ import argparse
 import cProfile
 import gc
 import io
-import json
-import platform
 import pstats
-import os
-import sys
 import tempfile
 import time
 from types import SimpleNamespace
 
+from harness import add_workload_args, environment, make_workload, write_json
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import SampleResult, ScheduledBatch
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.sampling_params import SamplingParams
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import add_workload_args, make_workload  # noqa: E402
 
 
 class NullRunner:
@@ -141,9 +135,7 @@ def main() -> None:
         print(f"{run['steps']} steps, {run['seconds']:.2f} s, {run['ms_per_step']:.3f} ms/step "
               f"(cpu {run['cpu_ms_per_step']:.3f}; gc gen0/1/2 {gc_ms} ms/step)"
               + (" [profiled]" if profile is not None else ""))
-    report = {"environment": {"python": platform.python_version(), "machine": platform.machine(),
-                              "processor": platform.processor()},
-              "args": vars(args), "runs": runs}
+    report = {"environment": environment(), "args": vars(args), "runs": runs}
     if args.profile:
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.profile)
@@ -152,9 +144,7 @@ def main() -> None:
     if unprofiled:
         report["best_ms_per_step"] = min(unprofiled)
         print(f"best {min(unprofiled):.3f} ms/step over {len(unprofiled)} unprofiled run(s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -17,49 +17,18 @@ across all 32 layers in one call.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from harness import copy_bandwidth, device_median, environment, write_json
 from pagedserve import ops
 from pagedserve.ops import _cuda_ops, launch_plan
 
 SHAPES = [(32, 1024), (64, 2048), (128, 4096), (16, 16384), (1, 32768)]
 HQ, HKV, D, BS = 32, 8, 128, 16
-
-
-def bench(fn, iters: int, warmup: int = 3, graph: bool = True, calls: int = 10) -> float:
-    """Median seconds of one fn() over iters, timed with CUDA events.
-
-    With graph=True, `calls` back-to-back calls are captured in one CUDA graph
-    and replayed, so Python launch overhead does not starve the GPU and the
-    figure is device time (as an engine that runs decode under CUDA graphs sees it)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    run, per = fn, 1
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-        run, per = g.replay, calls
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / per)
-    return statistics.median(times)
 
 
 def host_time(fn, iters: int = 20) -> float:
@@ -72,14 +41,6 @@ def host_time(fn, iters: int = 20) -> float:
         times.append(time.perf_counter() - t)
     torch.cuda.synchronize()
     return statistics.median(times)
-
-
-def copy_rate(nbytes: int, iters: int) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), iters, graph=False)  # a graph memcpy node would use the copy engines
-    return 2 * nbytes / t
 
 
 def paged_inputs(b: int, l: int, gen: torch.Generator):
@@ -103,17 +64,17 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     kv_bytes = 2 * b * l * HKV * D * 2
 
     out = torch.empty_like(q)
-    t_paged = bench(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale, out=out), iters)
+    t_paged = device_median(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale, out=out), iters)
     # the same bytes with each sequence's blocks in ascending, adjacent ids (as a fresh
     # pool hands out a prompt's blocks): what the scattered ids themselves cost
     in_order = torch.arange(b * nb, dtype=torch.int32, device="cuda").view(b, nb)
-    t_in_order = bench(lambda: ops.decode_attention(q, kc, vc, in_order, ctx, scale), iters)
+    t_in_order = device_median(lambda: ops.decode_attention(q, kc, vc, in_order, ctx, scale), iters)
     plan = launch_plan.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_fit(0, D), D)
     by_stages = {}  # both pipeline depths, to check the planner's choice (plan[3])
     for stages in (2, 3):
         launch_plan.DECODE_TC_STAGES = stages
         try:
-            by_stages[str(stages)] = bench(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale), iters)
+            by_stages[str(stages)] = device_median(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale), iters)
         finally:
             launch_plan.DECODE_TC_STAGES = None
 
@@ -124,9 +85,9 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     q4 = q.view(b, HQ, 1, D)
     ref = F.scaled_dot_product_attention(q4, k_c, v_c, scale=scale, enable_gqa=True).view(b, HQ, D)
     err = float((out.float() - ref.float()).abs().max())
-    t_sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k_c, v_c, scale=scale, enable_gqa=True), iters)
+    t_sdpa = device_median(lambda: F.scaled_dot_product_attention(q4, k_c, v_c, scale=scale, enable_gqa=True), iters)
     del k_c, v_c
-    t_gather = bench(lambda: F.scaled_dot_product_attention(
+    t_gather = device_median(lambda: F.scaled_dot_product_attention(
         q4, gathered(kc), gathered(vc), scale=scale, enable_gqa=True), max(5, iters // 4), calls=2)
     return {
         "batch": b, "context": l, "kv_bytes": kv_bytes, "plan_qpb_part_nparts_stages": list(plan),
@@ -142,8 +103,8 @@ def _plain_rates(nbytes: int, iters: int) -> tuple[float, float]:
     """(d2h, h2d) bytes per second of one plain pinned copy of nbytes."""
     plain_h = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     plain_d = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    d2h = nbytes / bench(lambda: plain_h.copy_(plain_d, non_blocking=True), iters, graph=False)
-    h2d = nbytes / bench(lambda: plain_d.copy_(plain_h, non_blocking=True), iters, graph=False)
+    d2h = nbytes / device_median(lambda: plain_h.copy_(plain_d, non_blocking=True), iters, graph=False)
+    h2d = nbytes / device_median(lambda: plain_d.copy_(plain_h, non_blocking=True), iters, graph=False)
     return d2h, h2d
 
 
@@ -160,14 +121,14 @@ def swap_case(iters: int, gen: torch.Generator, num_gpu: int = 4096, n: int = 10
     d2h, h2d = _plain_rates(nbytes, iters)
     res = {"blocks": n, "bytes": nbytes, "plain_d2h_Bps": d2h, "plain_h2d_Bps": h2d}
     for method in ("kernel", "memcpy"):
-        res[f"{method}_out_Bps"] = nbytes / bench(
+        res[f"{method}_out_Bps"] = nbytes / device_median(
             lambda: _cuda_ops.swap_blocks(gpu, cpu, out_map, method=method), iters, graph=False)
-        res[f"{method}_in_Bps"] = nbytes / bench(
+        res[f"{method}_in_Bps"] = nbytes / device_median(
             lambda: _cuda_ops.swap_blocks(cpu, gpu, in_map, method=method), iters, graph=False)
     res["kernel_out_host_s"] = host_time(lambda: _cuda_ops.swap_blocks(gpu, cpu, out_map, method="kernel"))
     # contiguous runs (a whole sequence swapped into a fresh region): memcpy per run
     run_map = torch.stack([torch.arange(n), torch.arange(n) + 7], 1)
-    res["default_out_contiguous_Bps"] = nbytes / bench(lambda: ops.swap_blocks(gpu, cpu, run_map), iters, graph=False)
+    res["default_out_contiguous_Bps"] = nbytes / device_median(lambda: ops.swap_blocks(gpu, cpu, run_map), iters, graph=False)
     return res
 
 
@@ -191,9 +152,9 @@ def swap_layers_case(iters: int, layers: int = 32, seq_tokens: int = 2048, gpu_b
            "plain_d2h_Bps": d2h, "plain_h2d_Bps": h2d}
     for method in (None, "memcpy"):
         name = method or "default"
-        res[f"{name}_out_Bps"] = nbytes / bench(
+        res[f"{name}_out_Bps"] = nbytes / device_median(
             lambda: _cuda_ops.swap_blocks(gpu_caches, cpu_caches, out_map, method=method), iters, graph=False)
-        res[f"{name}_in_Bps"] = nbytes / bench(
+        res[f"{name}_in_Bps"] = nbytes / device_median(
             lambda: _cuda_ops.swap_blocks(cpu_caches, gpu_caches, in_map, method=method), iters, graph=False)
 
     def per_cache(src, dst, m):
@@ -201,12 +162,12 @@ def swap_layers_case(iters: int, layers: int = 32, seq_tokens: int = 2048, gpu_b
             ops.swap_blocks(s_, d_, m)
 
     res["default_out_host_s"] = host_time(lambda: _cuda_ops.swap_blocks(gpu_caches, cpu_caches, out_map))
-    res["per_cache_calls_out_Bps"] = nbytes / bench(lambda: per_cache(gpu_caches, cpu_caches, out_map),
+    res["per_cache_calls_out_Bps"] = nbytes / device_median(lambda: per_cache(gpu_caches, cpu_caches, out_map),
                                                     max(5, iters // 5), graph=False)
     run_map = torch.stack([torch.arange(n) + 100, torch.arange(n) + 7], 1)
-    res["default_out_contiguous_Bps"] = nbytes / bench(
+    res["default_out_contiguous_Bps"] = nbytes / device_median(
         lambda: ops.swap_blocks(gpu_caches, cpu_caches, run_map), iters, graph=False)
-    res["default_in_contiguous_Bps"] = nbytes / bench(
+    res["default_in_contiguous_Bps"] = nbytes / device_median(
         lambda: ops.swap_blocks(cpu_caches, gpu_caches, run_map[:, [1, 0]]), iters, graph=False)
     return res
 
@@ -234,21 +195,6 @@ def long_context_variants(iters: int, gen: torch.Generator) -> list[dict]:
 STAGE_SHAPES = [(16, 1024), (24, 1024), (40, 1024), (48, 1024), (32, 2048)]
 
 
-def environment() -> dict:
-    p = torch.cuda.get_device_properties(0)
-    env = {"gpu": p.name, "sms": p.multi_processor_count, "torch": torch.__version__,
-           "cuda": torch.version.cuda, "python": platform.python_version(),
-           "loader": ops.get_loader().name}
-    try:
-        import pynvml  # noqa: optional
-
-        pynvml.nvmlInit()
-        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    except Exception:
-        env["driver"] = f"CUDA driver API {torch.cuda.driver_version() if hasattr(torch.cuda, 'driver_version') else '?'}"
-    return env
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="JSON results path")
@@ -268,7 +214,8 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("--out is required")
-    result = {"env": environment(), "copy_Bps": copy_rate(1 << 30, args.iters), "decode": [], "swap": None}
+    result = {"env": environment(loader=ops.get_loader().name),
+              "copy_Bps": copy_bandwidth(1 << 30, args.iters), "decode": [], "swap": None}
     for b, l in SHAPES:
         result["decode"].append(decode_case(b, l, args.iters, gen))
         torch.cuda.empty_cache()
@@ -280,8 +227,7 @@ def main() -> None:
     result["swap"] = swap_case(args.iters, gen)
     torch.cuda.empty_cache()
     result["swap_all_layers"] = swap_layers_case(args.iters)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
 
     tb = 1e12
     print(f"{result['env']['gpu']}  torch {torch.__version__}  loader {result['env']['loader']}")

@@ -5,7 +5,7 @@ Workload: throughput.py's request list (prompts of U[128, 1024] random token ids
 outputs of U[32, 512] tokens, ignore_eos, greedy), the same list at every rate. Arrival
 times are one seeded sequence of Exp(1) gaps divided by the rate, so every rate sees the
 same arrival pattern, only compressed. Model: by default the random-weight
-Llama-3.1-8B-shaped model in bf16 (throughput.py's LLAMA_8B, `load_format="dummy"`).
+Llama-3.1-8B-shaped model in bf16 (harness.py's LLAMA_8B, `load_format="dummy"`).
 
   pagedserve    open loop in one thread: each request is added to LLMEngine once its
                 arrival time has passed, engine.step() runs in between (sleeping only
@@ -53,44 +53,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import random
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import LLAMA_8B, add_workload_args, environment, make_workload  # noqa: E402
-
-
-# ---- shared with preemption_block_size.py ---------------------------------------------
-
-def model_spec(model: str, load_format: str, tmp_dir: str) -> tuple[str | None, str]:
-    """(EngineConfig.model, load_format) for --model: `llama8b` (a config.json of
-    LLAMA_8B's shape written into tmp_dir, dummy weights), `default` (the embedded
-    SmolLM2, real weights) or a model path."""
-    if model == "llama8b":
-        from transformers import LlamaConfig
-
-        LlamaConfig(**LLAMA_8B).save_pretrained(tmp_dir)
-        return tmp_dir, "dummy"
-    if model == "default":
-        return None, load_format
-    return model, load_format
-
-
-def add_model_args(ap) -> None:
-    """--model (for model_spec), --load-format, --device, --dtype."""
-    ap.add_argument("--model", default="llama8b",
-                    help="llama8b (random weights of Llama-3.1-8B's shape), default (the embedded "
-                         "SmolLM2) or a path")
-    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="for default or a path")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+from harness import (LLAMA_8B, add_model_args, add_workload_args, environment, make_workload,
+                     model_spec, write_json)
 
 
 # ---- statistics -------------------------------------------------------------------------
@@ -322,10 +293,7 @@ def main(argv=None) -> dict:
               "dtype": args.dtype, "results": {}}
 
     def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=2, default=str)
-                f.write("\n")
+        write_json(args.out, report)
 
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = model_spec(args.model, args.load_format, tmp)

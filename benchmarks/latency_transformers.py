@@ -12,8 +12,9 @@ import traceback
 
 import torch
 
+from harness import LLAMA_8B
 from latency import poisson_arrivals, rate_report
-from throughput import LLAMA_8B, hf_model
+from throughput import hf_model
 
 
 # ---- transformers continuous batching -----------------------------------------------------

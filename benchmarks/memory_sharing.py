@@ -36,13 +36,12 @@ synthetic model's.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import time
 
 import numpy as np
 
+from harness import environment, write_json
 from pagedserve._native import BlockManager
 from pagedserve.engine.batch import SampleResult, ScheduledBatch
 from pagedserve.engine.scheduler import Scheduler
@@ -245,12 +244,10 @@ def main() -> None:
     result = {"block_size": BLOCK_SIZE, "requests": args.requests, "gap_steps": args.gap,
               "seed": args.seed, "synthetic_model": {"vocab": VOCAB, "sigma": SIGMA,
                                                      "mean_entropy_nats": entropy_of_model()},
-              "mixes": MIXES, "python": platform.python_version(), "rows": rows}
+              "mixes": MIXES, "environment": environment(), "rows": rows}
     if args.calibrate:
         result["calibration"] = calibrate()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     if args.plot:
         plot(curves, args.plot)
 

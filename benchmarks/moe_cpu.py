@@ -11,12 +11,12 @@ Each figure is the median of --repeats timed calls after two warm-ups.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
 import torch
+
+from harness import environment, write_json
 
 
 def _time(fn, repeats: int) -> float:
@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import transformers
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -67,11 +66,7 @@ def main() -> None:
                          "speedup": t_hf / t_ours})
             print(f"{n:4d} tokens: pagedserve {t_ours * 1e3:7.2f} ms, transformers "
                   f"{t_hf * 1e3:7.2f} ms ({t_hf / t_ours:.2f}x)")
-    meta = {"threads": args.threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine()}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(args.out, {"meta": environment(threads=args.threads), "rows": rows})
 
 
 if __name__ == "__main__":

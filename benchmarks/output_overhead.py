@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
-import platform
 import random
 import tempfile
 import time
 from types import SimpleNamespace
 
 
+from harness import environment, write_json
 from pagedserve.config import EngineConfig  # noqa: E402
 from pagedserve.engine.batch import SampleResult  # noqa: E402
 from pagedserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -137,9 +136,7 @@ async def run(args: argparse.Namespace) -> dict:
               f"{row['deliver_ms']:.2f} ms = {row['total_ms']:.2f} ms per step "
               f"({args.num_seqs} sequences)", flush=True)
         results.append(row)
-    return {"environment": {"python": platform.python_version(), "machine": platform.machine(),
-                            "processor": platform.processor(),
-                            "engine_deltas": RequestOutputKind is not None},
+    return {"environment": environment(engine_deltas=RequestOutputKind is not None),
             "args": vars(args), "results": results}
 
 
@@ -200,9 +197,7 @@ def main() -> None:
         output_path_only(args)
         return
     report = asyncio.run(run(args))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ time between two events), `--warmup` untimed repeats then the median of `--reps`
 first timed repeat checks that the swapped-in blocks equal the swapped-out ones
 bit for bit (layers 0 and last, K and V). Reported per block size and length: swap-out,
 swap-in and swap total ms, recompute ms, bytes moved each way, the swap's GB/s.
-Model: by default the random-weight Llama-3.1-8B-shaped model in bf16 (throughput.py's
+Model: by default the random-weight Llama-3.1-8B-shaped model in bf16 (harness.py's
 LLAMA_8B, `load_format="dummy"`), CUDA graphs off.
 
     python benchmarks/preemption_block_size.py --out docs/preemption_block_size.json \\
@@ -33,35 +33,34 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from latency import add_model_args, model_spec  # noqa: E402
-from throughput import environment  # noqa: E402
+from harness import add_model_args, environment, model_spec, timed, write_json
 
 
-def timed(fn, cuda: bool) -> tuple[float, float | None]:
+def timed_ms(fn, cuda: bool) -> tuple[float, float | None]:
     """(wall ms, device ms or None) of fn() run alone."""
-    if not cuda:
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start), None
-    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    ev0.record()
-    fn()
-    ev1.record()
-    ev1.synchronize()
-    return 1e3 * (time.perf_counter() - start), ev0.elapsed_time(ev1)
+    wall, device = timed(fn, cuda)
+    return 1e3 * wall, None if device is None else 1e3 * device
+
+
+def resize_kv_cache(runner, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+    """New empty KV pools at another block size on the loaded runner (the model loads
+    once for the whole study); the old pools are freed first. Only this study changes
+    the block size of a live runner, so it reaches into the runner's pool setup here."""
+    if runner.graphs is not None:
+        raise ValueError("resize_kv_cache: CUDA graphs hold the old pools; use cuda_graphs=False")
+    runner.gpu_cache, runner.cpu_cache = [], []
+    runner._bind_caches()
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    runner.block_size, runner.num_gpu_blocks, runner.num_cpu_blocks = block_size, num_gpu_blocks, num_cpu_blocks
+    runner._allocate_caches()
 
 
 def swap_fn(runner, method: str, pairs, src_cache, dst_cache):
@@ -114,14 +113,14 @@ def measure(runner, block_size: int, seq_len: int, args, vocab: int, cuda: bool)
             work.append(SeqWork(s, tokens, 0, first[s * per_seq:(s + 1) * per_seq], True, params,
                                 tokens, [], 0))
         batch = ScheduledBatch(work)
-        sample = [timed(lambda: runner.execute(batch), cuda)]  # writes the KV that is swapped
+        sample = [timed_ms(lambda: runner.execute(batch), cuda)]  # writes the KV that is swapped
         check = rep == args.warmup
         for m in args.swap_methods:
             if check:  # so that each method's swap-in has to bring the data back itself
                 clear_blocks(runner, second)
             out = swap_fn(runner, m, list(zip(first, cpu)), runner.gpu_cache, runner.cpu_cache)
             back = swap_fn(runner, m, list(zip(cpu, second)), runner.cpu_cache, runner.gpu_cache)
-            sample += [timed(out, cuda), timed(back, cuda)]
+            sample += [timed_ms(out, cuda), timed_ms(back, cuda)]
             if check:
                 exact = (exact is not False) and same_blocks(runner, first, second)
         if rep >= args.warmup:
@@ -246,10 +245,7 @@ def main(argv=None) -> dict:
     report: dict = {"args": vars(args), "results": {"rows": []}}
 
     def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=2, default=str)
-                f.write("\n")
+        write_json(args.out, report)
 
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = model_spec(args.model, args.load_format, tmp)
@@ -272,7 +268,7 @@ def main(argv=None) -> dict:
         for bs in args.block_sizes:
             # At least one repeat's blocks (whole blocks per sequence) at the largest size.
             cpu_blocks = max(cpu_tokens // bs, args.num_seqs * -(-max(args.seq_lens) // bs))
-            runner.resize_kv_cache(bs, pool_tokens // bs, cpu_blocks)
+            resize_kv_cache(runner, bs, pool_tokens // bs, cpu_blocks)
             for length in args.seq_lens:
                 report["results"]["rows"].append(measure(runner, bs, length, args, runner.vocab_size, cuda))
                 save()

@@ -20,11 +20,10 @@ Time is the median of CUDA-event timings; TFLOP/s counts 4 * head_size FLOPs per
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from kernel_bench import bench, environment
+from harness import device_median, environment, write_json
 from pagedserve import ops
 from pagedserve.ops import _cuda_ops
 
@@ -60,7 +59,7 @@ def prefill_case(name: str, seqs: int, cached: int, new: int, iters: int, gen: t
     def paged(tc: bool, out: torch.Tensor):
         _cuda_ops.PREFILL_TENSOR_CORES = tc
         try:
-            return bench(lambda: ops.prefill_attention(q, kc, vc, bt, qsl, ctx_lens, scale, out=out), iters)
+            return device_median(lambda: ops.prefill_attention(q, kc, vc, bt, qsl, ctx_lens, scale, out=out), iters)
         finally:
             _cuda_ops.PREFILL_TENSOR_CORES = True
 
@@ -79,7 +78,7 @@ def prefill_case(name: str, seqs: int, cached: int, new: int, iters: int, gen: t
     out_tc, out_cc = torch.empty_like(q), torch.empty_like(q)
     t_tc = paged(True, out_tc)
     t_cc = paged(False, out_cc)
-    t_fa = bench(flash, iters)
+    t_fa = device_median(flash, iters)
     return {
         "case": name, "sequences": seqs, "cached": cached, "new": new, "flops": flops,
         "tensor_core_s": t_tc, "cuda_core_s": t_cc, "flash_contiguous_s": t_fa,
@@ -97,12 +96,11 @@ def main() -> None:
     args = ap.parse_args()
     ops.set_loader(args.loader)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    result = {"env": environment(), "prefill": []}
+    result = {"env": environment(loader=ops.get_loader().name), "prefill": []}
     for case in CASES:
         result["prefill"].append(prefill_case(*case, args.iters, gen))
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
 
     tf = 1e12
     print(f"{result['env']['gpu']}  torch {torch.__version__}  loader {result['env']['loader']}")

@@ -22,18 +22,13 @@ wall time. On CPU there is no kernel to choose (both rows run the CPU path).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from latency import add_model_args, model_spec  # noqa: E402
-from throughput import environment  # noqa: E402
+from harness import add_model_args, environment, model_spec, write_json
 
 KERNELS = {"tensor_cores": True, "cuda_cores": False}
 
@@ -121,10 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = {r["kernel"]: r for r in report["results"] if r["workload"] == name}
         print(f"{name}: tensor cores {rows['cuda_cores']['seconds'] / rows['tensor_cores']['seconds']:.2f}x "
               f"the CUDA-core kernel's rate")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    write_json(args.out, report)
     return report
 
 

@@ -16,13 +16,9 @@ over one loaded model (the embedded SmolLM2 unless --model is given).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 
-import torch
-
+from harness import environment, write_json
 from pagedserve import LLM, EngineConfig, SamplingParams
 from pagedserve.engine.llm_engine import LLMEngine
 
@@ -120,12 +116,8 @@ def main() -> None:
               f"{on['prompt_tokens']} prompt tokens cached): {speedup:.2f}x; "
               f"{same}/{args.requests} outputs identical", flush=True)
     info = {"requests": args.requests, "max_tokens": args.max_tokens,
-            "model": llm.engine.model_name, "torch": torch.__version__,
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "results": results}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(info, f, indent=1)
+            "model": llm.engine.model_name, "environment": environment(), "results": results}
+    write_json(args.out, info)
 
 
 if __name__ == "__main__":

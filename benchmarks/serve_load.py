@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -32,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness import environment, write_json
 from pagedserve.cli import add_engine_flags, engine_config_from_args
 from pagedserve.client import AsyncClient
 
@@ -259,11 +258,8 @@ def main() -> None:
                   "settings": {k: v for k, v in vars(args).items() if k != "out"},
                   "model": {"name": model.model, "device": model.device, "dtype": model.dtype,
                             "max_model_len": model.max_model_len},
-                  "host": {"python": platform.python_version(), "machine": platform.machine(),
-                           "cpus": os.cpu_count()},
-                  "results": results}
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+                  "host": environment(), "results": results}
+        write_json(args.out, report)
         print(f"wrote {args.out}")
 
 

@@ -28,50 +28,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 import random
-import subprocess
 import tempfile
 import time
 
 import torch
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
-
-
-def add_workload_args(ap: argparse.ArgumentParser, num_requests: int = 1000) -> None:
-    """The workload flags every GPU benchmark shares (issue 9's request mix by default)."""
-    ap.add_argument("--num-requests", type=int, default=num_requests)
-    ap.add_argument("--min-prompt", type=int, default=128)
-    ap.add_argument("--max-prompt", type=int, default=1024)
-    ap.add_argument("--min-output", type=int, default=32)
-    ap.add_argument("--max-output", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-
-
-def make_workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
-    """The one request list every system gets: (prompt token ids, output length)."""
-    rng = random.Random(args.seed)
-    return [([rng.randrange(1000, vocab_size) for _ in range(rng.randint(args.min_prompt, args.max_prompt))],
-             rng.randint(args.min_output, args.max_output)) for _ in range(args.num_requests)]
-
-
-def copy_bandwidth(reps: int = 20, nbytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by a device-to-device copy."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * reps / (start.elapsed_time(end) / 1e3)
+from harness import (LLAMA_8B, add_workload_args, copy_bandwidth, environment, make_workload,
+                     run_to_completion, timed, write_json)
 
 
 def run_pagedserve(llm, workload, block_size: int, async_scheduling: bool = True) -> dict:
@@ -86,42 +50,23 @@ def run_pagedserve(llm, workload, block_size: int, async_scheduling: bool = True
     llm.generate([list(range(1000, 1100))] * 4, SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # warm-up
     steps = []  # prefill tokens, sequences, decodes, KV tokens, KV blocks, seconds, graphed
-    launch, execute = runner.launch, runner.execute
+    replays = [0]  # graph replays before this step
 
-    def recorded_launch(batch, previous=None):
+    def observe(batch, seconds):  # seconds: launch alone, or launch and wait (synchronous)
         work = batch.work
         decodes = sum(1 for w in work if len(w.token_ids) == 1)
-        replays = graphs.num_replays if graphs else 0
-        start = time.perf_counter()
-        pending = launch(batch, previous)
+        now = graphs.num_replays if graphs else 0
         steps.append([sum(len(w.token_ids) for w in work) - decodes, len(work), decodes,
                       sum(w.start_pos + len(w.token_ids) for w in work),
-                      sum(len(w.block_table) for w in work), time.perf_counter() - start,
-                      bool(graphs and graphs.num_replays > replays)])
-        return pending
-
-    def timed_execute(batch):  # synchronous engine: launch and wait, one step
-        start = time.perf_counter()
-        results = execute(batch)
-        if batch.work:
-            steps[-1][5] = time.perf_counter() - start
-        return results
+                      sum(len(w.block_table) for w in work), seconds, now > replays[0]])
+        replays[0] = now
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
     for i, ((prompt, _), p) in enumerate(zip(workload, params)):
         engine.add_request(f"r{i}", prompt, p)
     before = engine.stats()
-    runner.launch, runner.execute = recorded_launch, timed_execute
-    produced = 0
-    start = time.perf_counter()
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    produced += len(out.outputs[0].token_ids)
-    finally:
-        del runner.launch, runner.execute
-    seconds = time.perf_counter() - start
+    replays[0] = graphs.num_replays if graphs else 0
+    produced, seconds = run_to_completion(engine, observe)
     stats = engine.stats()
     assert produced == sum(n for _, n in workload), "every request gets all its tokens"
     decode_only = [s for s in steps if s[0] == 0]
@@ -173,15 +118,10 @@ def decode_profile(runner, sizes: list[int], context: int) -> dict:
 
     g, out = runner.graphs, {}
     params = SamplingParams(temperature=0.0)
-    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def wall(fn, reps):
+    def wall(fn, reps):  # ms per call, host work included
         fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return 1e3 * (time.perf_counter() - start) / reps
+        return 1e3 * timed(fn, cuda=True, reps=reps)[0]
 
     for b in sizes:
         batch = ScheduledBatch(_decode_work([context] * b, runner.block_size, params))
@@ -194,13 +134,7 @@ def decode_profile(runner, sizes: list[int], context: int) -> dict:
             row["graph_step_ms"] = wall(lambda: runner.execute(batch), 10)
             row["staging_ms"] = wall(lambda: g.stage(batch.work), 10)
             key = g.stage(batch.work)
-            torch.cuda.synchronize()
-            ev0.record()
-            for _ in range(20):
-                g.replay(key, b)
-            ev1.record()
-            ev1.synchronize()
-            row["graph_gpu_ms"] = ev0.elapsed_time(ev1) / 20
+            row["graph_gpu_ms"] = 1e3 * timed(lambda: g.replay(key, b), cuda=True, reps=20)[1]
         out[b] = row
     return out
 
@@ -345,19 +279,6 @@ def run_hf_cb(model, workload, time_limit: float) -> dict:
             "tokens_per_s": useful / seconds}
 
 
-def environment() -> dict:
-    import transformers
-
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        driver = "unknown"
-    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "driver": driver, "cuda": torch.version.cuda,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(ap)
@@ -385,10 +306,7 @@ def main() -> None:
     res = report["results"]
 
     def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=2, default=str)
-                f.write("\n")
+        write_json(args.out, report)
 
     res["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
     workload = make_workload(args, LLAMA_8B["vocab_size"])

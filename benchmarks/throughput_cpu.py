@@ -23,22 +23,15 @@ busy); its flags follow, e.g. `--against vllm --vllm-python VENV/bin/python`.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import random
 import time
+from collections import Counter
 
 import torch
 
+from harness import (CPU_MIX, add_workload_args, environment, make_workload, run_to_completion,
+                     write_json)
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.batch import ScheduledBatch, SeqWork
-
-
-def make_workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
-    rng = random.Random(args.seed)
-    low = min(1000, vocab_size // 2)  # clear of the special tokens at the start of the vocab
-    return [([rng.randrange(low, vocab_size) for _ in range(rng.randint(args.min_prompt, args.max_prompt))],
-             rng.randint(args.min_output, args.max_output)) for _ in range(args.num_requests)]
 
 
 def run_transformers(args, source, workload) -> dict:
@@ -69,35 +62,20 @@ def run_pagedserve(llm: LLM, workload) -> tuple[dict, dict[int, list[int]]]:
     ran that many decodes (what the ideal replays)."""
     engine = llm.engine
     llm.generate([list(range(1000, 1040))], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-    engine.scheduler.decode_batch_sizes.clear()
     contexts: dict[int, list[int]] = {}
     steps: list[tuple[int, int, float]] = []  # prefill tokens, decodes, seconds
-    execute = engine.runner.execute
 
-    def timed_execute(batch):
+    def observe(batch, seconds):
         decodes = [w.start_pos + 1 for w in batch.work if len(w.token_ids) == 1 and w.sample]
         contexts.setdefault(len(decodes), decodes)
-        start = time.perf_counter()
-        results = execute(batch)
         steps.append((sum(len(w.token_ids) for w in batch.work) - len(decodes), len(decodes),
-                      time.perf_counter() - start))
-        return results
+                      seconds))
 
     for i, (prompt, n) in enumerate(workload):
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n,
                                                            ignore_eos=True))
     before = engine.stats()
-    engine.runner.execute = timed_execute
-    start = time.perf_counter()
-    produced = 0
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    produced += len(out.outputs[0].token_ids)
-    finally:
-        del engine.runner.execute
-    seconds = time.perf_counter() - start
+    produced, seconds = run_to_completion(engine, observe)
     stats = engine.stats()
     assert produced == sum(n for _, n in workload), "every request gets its tokens"
     runner_seconds = sum(t for _, _, t in steps)
@@ -108,7 +86,7 @@ def run_pagedserve(llm: LLM, workload) -> tuple[dict, dict[int, list[int]]]:
             "seconds_in_steps_with_prefill": sum(t for p, _, t in steps if p),
             "seconds_in_decode_only_steps": sum(t for p, _, t in steps if not p),
             "seconds_outside_the_runner": seconds - runner_seconds,
-            "decode_batch_sizes": dict(sorted(engine.scheduler.decode_batch_sizes.items())),
+            "decode_batch_sizes": dict(sorted(Counter(d for _, d, _ in steps if d).items())),
             }, contexts
 
 
@@ -157,10 +135,6 @@ def main() -> None:
     pre.add_argument("--against", choices=["vllm"])
     known, rest = pre.parse_known_args()
     if known.against == "vllm":
-        import os
-        import sys
-
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from cpu_vs_vllm import main as against_vllm
 
         against_vllm(rest)
@@ -168,12 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--against", choices=["vllm"],
                     help="compare with vLLM's CPU backend (benchmarks/cpu_vs_vllm.py)")
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--min-prompt", type=int, default=16)
-    ap.add_argument("--max-prompt", type=int, default=256)
-    ap.add_argument("--min-output", type=int, default=8)
-    ap.add_argument("--max-output", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
+    add_workload_args(ap, num_requests=64, mix=CPU_MIX)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -210,9 +179,7 @@ def main() -> None:
                    "max_num_batched_tokens": args.max_num_batched_tokens,
                    "num_kv_blocks": args.num_kv_blocks, "block_size": llm.engine.config.block_size},
         "results": results, "summary": summary,
-        "environment": {"torch": torch.__version__, "transformers": _transformers_version(),
-                        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                        "python": platform.python_version()},
+        "environment": environment(),
     }
     w = report["workload"]
     print(f"\n{args.num_requests} requests, {w['prompt_tokens']} prompt tokens, "
@@ -227,16 +194,7 @@ def main() -> None:
     print(f"ideal: prompt forward {results['ideal']['prefill_forward_seconds']:.1f} s, "
           f"decode steps {results['ideal']['decode_seconds']:.1f} s")
     print(", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from unittest import mock
 
 import grpc
 
+from harness import environment, write_json
 from pagedserve.cli import add_engine_flags, engine_config_from_args
 from pagedserve.v1 import generate_pb2 as pb
 from pagedserve.v1 import generate_pb2_grpc as pb_grpc
@@ -287,16 +287,12 @@ def main() -> int:
     }
     print(json.dumps(summary, indent=2))
     if args.out:
-        import torch
-
         meta = {"command": " ".join(["benchmarks/tracing_overhead.py", *sys.argv[1:]]),
                 "model": args.dummy and f"dummy {args.dummy}: {DUMMY[args.dummy]}"
                 or llm_engine.model_name, "device": str(llm_engine.config.device),
-                "python": platform.python_version(), "torch": torch.__version__,
-                "cpus": os.cpu_count(), "workload": {k: getattr(args, k) for k in (
+                "environment": environment(), "workload": {k: getattr(args, k) for k in (
                     "requests", "concurrency", "input_len", "output_len", "pairs")}}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "batches": batches, "summary": summary}, f, indent=2)
+        write_json(args.out, {"meta": meta, "batches": batches, "summary": summary})
     return 0
 
 

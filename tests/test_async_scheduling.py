@@ -223,3 +223,21 @@ def test_the_runner_feeds_decodes_packed_after_a_prompt_chunk(llm):
         return [r.token_id for r in runner.launch(batch, previous=first).results()]
 
     assert second_step(feed=True) == second_step(feed=False)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_the_step_observer_sees_every_batch_the_runner_gets(llm, async_scheduling):
+    seen = []
+    eng = engine(llm, async_scheduling)
+    eng.step_observer = lambda batch, seconds: seen.append((batch, seconds))
+    before = eng.stats()
+    run(eng, [(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+              for i, p in enumerate(PROMPTS)])
+    stats = eng.stats()
+    assert len(seen) == stats.num_steps - before.num_steps > 0
+    assert all(seconds >= 0 and batch.work for batch, seconds in seen)
+    ahead = [batch for batch, _ in seen if batch.feed_from_previous]
+    assert len(ahead) == stats.num_steps_scheduled_ahead - before.num_steps_scheduled_ahead
+    assert (len(ahead) > 0) == async_scheduling
+    if not async_scheduling:  # every sampled row is one output token
+        assert sum(w.sample for batch, _ in seen for w in batch.work) == 5 * len(PROMPTS)

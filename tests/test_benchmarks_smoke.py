@@ -3,28 +3,19 @@ benchmarks/preemption_block_size.py and benchmarks/prefill_engine.py: each scrip
 settings on the embedded model, then the JSON it wrote is checked for structure and
 for the relations its numbers must satisfy."""
 
+import importlib
 import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-latency = _load("latency")
-preemption = _load("preemption_block_size")
-prefill_engine = _load("prefill_engine")
+# benchmarks/ is on the path (pyproject's pytest pythonpath), as for the scripts themselves.
+import harness
+import latency
+import preemption_block_size as preemption
+import prefill_engine
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 TINY_WORKLOAD = ["--model", "default", "--device", "cpu", "--num-requests", "6", "--min-prompt", "8",
@@ -174,9 +165,10 @@ def test_preemption_block_size_rejects_bad_settings():
         preemption.main(["--model", "default", "--device", "cpu", "--seq-lens", "64", "--pool-tokens", "64"])
 
 
-def test_benchmarks_import_throughput_helpers_not_copies():
-    assert latency.make_workload is sys.modules["throughput"].make_workload
-    assert latency.LLAMA_8B is sys.modules["throughput"].LLAMA_8B
+def test_benchmarks_import_harness_helpers_not_copies():
+    assert latency.make_workload is harness.make_workload
+    assert latency.LLAMA_8B is harness.LLAMA_8B
+    assert preemption.model_spec is harness.model_spec
 
 
 def test_llama8b_route_on_a_shrunken_config(tmp_path, monkeypatch):
@@ -202,7 +194,7 @@ def test_llama8b_route_on_a_shrunken_config(tmp_path, monkeypatch):
 
 
 def test_host_overhead_runs_every_request_to_its_length():
-    host = _load("host_overhead")
+    host = importlib.import_module("host_overhead")
     import argparse
 
     args = argparse.Namespace(num_requests=20, min_prompt=8, max_prompt=64, min_output=2, max_output=16,
@@ -217,7 +209,7 @@ def test_host_overhead_runs_every_request_to_its_length():
 
 def test_cpu_vs_vllm_summary_and_parity():
     """The comparison's arithmetic on made-up runs (the runs themselves need vLLM's venv)."""
-    bench = _load("cpu_vs_vllm")
+    bench = importlib.import_module("cpu_vs_vllm")
     workload = bench.make_workload(48, 49152, 0)
     assert len(workload) == 48 and workload == bench.make_workload(48, 49152, 0)
     assert all(16 <= len(p) <= 256 and 8 <= n <= 128 and min(p) >= 1000 for p, n in workload)
@@ -237,3 +229,34 @@ def test_cpu_vs_vllm_summary_and_parity():
                                  "ratio_min_max": [1.33, 1.47]}
     assert s["float32/busy"] == {"pagedserve": [100.0], "pagedserve_busy_over_idle": 0.48}
     assert bench.parity(runs) == {"float32": "1/2"}
+
+
+@pytest.mark.parametrize("mix, num, vocab, totals", [
+    (harness.GPU_MIX, 1000, 128256, (574455, 272124)),  # docs/throughput_gpu.json
+    (harness.GPU_MIX, 80, 128256, (45362, 25114)),  # docs/latency_gpu.json
+    (harness.CPU_MIX, 64, 49152, (8993, 4581)),  # docs/throughput_cpu_fp32.json
+    (harness.CPU_MIX, 48, 49152, (6298, 3388)),  # docs/throughput_cpu_vs_vllm.json
+])
+def test_the_shared_workload_is_the_one_the_published_figures_ran(mix, num, vocab, totals):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    harness.add_workload_args(ap, num_requests=num, mix=mix)
+    workload = harness.make_workload(ap.parse_args([]), vocab)
+    assert (sum(len(p) for p, _ in workload), sum(n for _, n in workload)) == totals
+    assert workload == harness.random_requests(num, vocab, 0, *mix)
+    assert min(min(p) for p, _ in workload) >= 1000 and max(max(p) for p, _ in workload) < vocab
+
+
+def test_the_timer_on_cpu_times_every_call_and_reports_no_device_time():
+    calls = []
+    wall, device = harness.timed(lambda: calls.append(1), cuda=False, reps=3)
+    assert calls == [1, 1, 1] and wall >= 0 and device is None
+
+
+def test_the_environment_record_names_machine_and_versions(tmp_path):
+    env = harness.environment(extra_key=7)
+    assert env["torch"] == torch.__version__ and env["extra_key"] == 7
+    assert env["python"] and env["cpu"] and env["cpus"] >= env["usable_cpus"] >= 1
+    harness.write_json(str(tmp_path / "r.json"), {"environment": env})
+    assert json.loads((tmp_path / "r.json").read_text())["environment"] == env

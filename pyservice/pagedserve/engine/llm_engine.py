@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.output_processor import OutputProcessor
@@ -32,14 +33,21 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     """`runner` (and `tokenizer`): already loaded ones to share between engines (tests,
     experiments). The runner's KV pools must be at least what `config` asks for; this
-    engine then uses `config.num_kv_blocks` of its device blocks (all when unset)."""
+    engine then uses `config.num_kv_blocks` of its device blocks (all when unset).
 
-    def __init__(self, config: EngineConfig, runner: Any = None, tokenizer: Any = None):
+    `step_observer` (benchmarks, profiling; also settable later as an attribute): called
+    after every batch handed to the runner as `step_observer(batch, seconds)`, seconds
+    being the wall time of that runner call (launch and read-back when synchronous, the
+    launch alone with async_scheduling). Unset, nothing is timed."""
+
+    def __init__(self, config: EngineConfig, runner: Any = None, tokenizer: Any = None,
+                 step_observer: Callable[[Any, float], None] | None = None):
         from pagedserve._native import BlockManager
         from pagedserve.engine.model_runner import ModelRunner
         from pagedserve.model.loader import load_tokenizer, resolve_model
 
         self.config = config
+        self.step_observer = step_observer
         if runner is None and config.tensor_parallel_size > 1:
             from pagedserve.distributed import start_tensor_parallel
 
@@ -192,7 +200,7 @@ class LLMEngine:
             batch, results = self._run_async()
         else:
             batch = self.scheduler.schedule()
-            results = self.runner.execute(batch) if _has_work(batch) else None
+            results = self._run(self.runner.execute, batch) if _has_work(batch) else None
         if results is None:
             return []
         progressed: dict[str, SequenceGroup] = {}
@@ -226,12 +234,21 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not _has_work(batch):
                 return batch, None
-            inflight = (batch, self.runner.launch(batch))
+            inflight = (batch, self._run(self.runner.launch, batch))
         batch, pending = inflight
         ahead = self.scheduler.schedule_ahead(batch)
         if ahead is not None:
-            self._inflight = (ahead, self.runner.launch(ahead, previous=pending))
+            self._inflight = (ahead, self._run(self.runner.launch, ahead, pending))
         return batch, pending.results()
+
+    def _run(self, call: Callable, batch: Any, *previous: Any) -> Any:
+        """runner.execute or runner.launch on `batch`, told to the step observer if any."""
+        if self.step_observer is None:
+            return call(batch, *previous)
+        start = time.perf_counter()
+        out = call(batch, *previous)
+        self.step_observer(batch, time.perf_counter() - start)
+        return out
 
     def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
         stop = self.outputs.check_stop(seq)

@@ -244,18 +244,6 @@ class ModelRunner:
             self.cpu_cache = cpu
         self._bind_caches()
 
-    def resize_kv_cache(self, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
-        """New empty KV pools at another block size (experiments such as the block-size
-        study); the old pools are freed first."""
-        if self.graphs is not None:
-            raise ValueError("resize_kv_cache: CUDA graphs hold the old pools; use cuda_graphs=False")
-        self.gpu_cache, self.cpu_cache = [], []
-        self._bind_caches()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.block_size, self.num_gpu_blocks, self.num_cpu_blocks = block_size, num_gpu_blocks, num_cpu_blocks
-        self._allocate_caches()
-
     def _bind_caches(self) -> None:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.key_cache, attn.value_cache = self.gpu_cache[i] if self.gpu_cache else (None, None)

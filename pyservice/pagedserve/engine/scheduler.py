@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +63,6 @@ class Scheduler(RequestBook):
         self.usable_gpu_blocks = self.num_gpu_blocks - block_manager.watermark_blocks
         self.num_steps = 0
         self.num_steps_ahead = 0  # of num_steps, those scheduled by schedule_ahead
-        # Steps by number of decode sequences in them: what an ideal schedule is
-        # measured against (benchmarks), and what the batch sizes really were.
-        self.decode_batch_sizes: Counter[int] = Counter()
 
     @property
     def prefix_cache_queries(self) -> int:
@@ -126,9 +122,6 @@ class Scheduler(RequestBook):
             if not self.swapped:
                 self._schedule_waiting(batch, budget)
         self.num_steps += 1
-        num_decodes = sum(1 for w in batch.work if len(w.token_ids) == 1 and w.sample)
-        if num_decodes:
-            self.decode_batch_sizes[num_decodes] += 1
         fill_block_tables(self.bm, batch)
         return batch
 
@@ -162,7 +155,6 @@ class Scheduler(RequestBook):
                                          ahead=True))
         self.num_steps += 1
         self.num_steps_ahead += 1
-        self.decode_batch_sizes[len(entries)] += 1
         fill_block_tables(self.bm, batch)
         return batch
 
