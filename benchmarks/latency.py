@@ -155,7 +155,7 @@ def pagedserve_part(args, model: str | None, load_format: str, workload, rates, 
     from pagedserve import LLM, SamplingParams
     from pagedserve.config import EngineConfig
     from pagedserve.engine.llm_engine import LLMEngine
-    from pagedserve.engine.model_runner import ModelRunner
+    from pagedserve.runner.model_runner import ModelRunner
 
     start = time.perf_counter()
     cfg = EngineConfig(model=model, load_format=load_format, dtype=args.dtype, device=args.device,

@@ -234,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from pagedserve.config import EngineConfig
-    from pagedserve.engine.model_runner import ModelRunner
+    from pagedserve.runner.model_runner import ModelRunner
 
     need = 2 * args.num_seqs * max(args.seq_lens)  # tokens one repeat holds in the device pool
     pool_tokens = args.pool_tokens or max(8 * need, 16384)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pagedserve.config import EngineConfig
     from pagedserve.engine.llm_engine import LLMEngine
-    from pagedserve.engine.model_runner import ModelRunner
+    from pagedserve.runner.model_runner import ModelRunner
     from pagedserve.ops import _cuda_ops
 
     rng = random.Random(args.seed)

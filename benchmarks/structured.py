@@ -61,7 +61,7 @@ def best_of(fn, repeat: int) -> float:
 
 def step_overhead(engine, batch: int, steps: int, device: str) -> dict:
     from pagedserve.engine.batch import SeqWork
-    from pagedserve.engine.sampler import Sampler
+    from pagedserve.runner.sampler import Sampler
     from pagedserve.sampling_params import SamplingParams
     from pagedserve.structured.logits import RequestConstraint, constrain_logits
     from pagedserve.structured.spec import constraint_of

@@ -128,7 +128,7 @@ def timed(fn, repeat=5):
 
 def run_backend(rows, doc_tokens, batch, steps):
     from pagedserve.engine.batch import SeqWork
-    from pagedserve.engine.sampler import Sampler
+    from pagedserve.runner.sampler import Sampler
     from pagedserve.sampling_params import SamplingParams
 
     compile_s, compiled = timed(rows.compile, repeat=3)

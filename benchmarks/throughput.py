@@ -300,7 +300,7 @@ def main() -> None:
 
     from pagedserve import LLM
     from pagedserve.engine.llm_engine import LLMEngine
-    from pagedserve.engine.model_runner import ModelRunner
+    from pagedserve.runner.model_runner import ModelRunner
 
     report = {"environment": environment(), "args": vars(args), "results": {}}
     res = report["results"]

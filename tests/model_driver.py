@@ -1,7 +1,7 @@
 """Drives a ModelRunner without the scheduler, for model tests on CPU and GPU."""
 
 from pagedserve.engine.batch import ScheduledBatch, SeqWork
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)

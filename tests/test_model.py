@@ -13,7 +13,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import ScheduledBatch, SeqWork
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.model.loader import load_model_config, load_tokenizer, resolve_model
 
 from model_driver import GREEDY, Driver

@@ -12,7 +12,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import SeqWork
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.model.registry import SUPPORTED_ARCHITECTURES, model_class
 
 from model_driver import GREEDY

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedserve.engine.batch import SeqWork
-from pagedserve.engine.sampler import Sampler, noise_seed
+from pagedserve.runner.sampler import Sampler, noise_seed
 from pagedserve.sampling_params import SamplingParams
 
 NEG = float("-inf")

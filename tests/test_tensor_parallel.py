@@ -20,7 +20,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.distributed import GroupJoinError, Placement, WorkerFailedError, placement_from_env
 from pagedserve.distributed.driver import WorkerSet
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 321, 64, 96, 2, 4, 2  # odd vocab: padded
 BASE = dict(device="cpu", dtype="float32", block_size=4, swap_space_gb=0.002,

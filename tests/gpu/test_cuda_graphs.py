@@ -12,9 +12,9 @@ from transformers import LlamaConfig
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import ScheduledBatch, SeqWork
-from pagedserve.engine.cuda_graphs import batch_buckets
+from pagedserve.runner.cuda_graphs import batch_buckets
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_driver import GREEDY, Driver  # noqa: E402

@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import ScheduledBatch, SeqWork
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.model import layers
 from pagedserve.sampling_params import SamplingParams
 

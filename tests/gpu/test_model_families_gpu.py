@@ -10,7 +10,7 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.ops import reference, sliding_window
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -9,7 +9,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.batch import ScheduledBatch, SeqWork
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_driver import GREEDY, Driver  # noqa: E402

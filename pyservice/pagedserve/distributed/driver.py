@@ -27,7 +27,7 @@ from pagedserve.distributed.group import Placement, join_group, leave_group, pla
 from pagedserve.distributed.step import StepSender
 from pagedserve.distributed.worker import (backend_for, build_rank_runner, split_cpu_threads,
                                           weight_bytes, worker_main)
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.model.loader import ModelSource, load_model_config
 from pagedserve.model.parallel import check_shardable
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pagedserve.engine.model_runner import HostInputs
+from pagedserve.runner.inputs import HostInputs
 
 
 @dataclass

@@ -22,7 +22,8 @@ from pagedserve.config import EngineConfig
 from pagedserve.distributed.group import Placement, join_group, leave_group
 from pagedserve.distributed.step import receive_fed_tokens, receive_step
 from pagedserve.engine.batch import ScheduledBatch
-from pagedserve.engine.model_runner import ModelRunner, _feed_tokens
+from pagedserve.runner.inputs import feed_tokens
+from pagedserve.runner.model_runner import ModelRunner
 from pagedserve.model.loader import ModelSource
 from pagedserve.model.parallel import TensorParallel
 
@@ -76,7 +77,7 @@ def serve_steps(runner: ModelRunner, control) -> None:
         if message.feed_rows:
             n = len(message.feed_rows)
             tokens = receive_fed_tokens(n, runner.device)
-            _feed_tokens(inputs.input_ids, message.feed_rows, tokens, list(range(n)))
+            feed_tokens(inputs.input_ids, message.feed_rows, tokens, list(range(n)))
         hidden = runner.model(inputs.input_ids, inputs.positions, inputs.metadata)
         if message.host.sample_works:  # the driver gathers the logits: take part
             runner.model.compute_logits(hidden[inputs.logit_rows])

@@ -43,7 +43,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner: Any = None, tokenizer: Any = None,
                  step_observer: Callable[[Any, float], None] | None = None):
         from pagedserve._native import BlockManager
-        from pagedserve.engine.model_runner import ModelRunner
+        from pagedserve.runner.model_runner import ModelRunner
         from pagedserve.model.loader import load_tokenizer, resolve_model
 
         self.config = config
