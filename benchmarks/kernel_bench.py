@@ -69,14 +69,12 @@ def decode_case(b: int, l: int, iters: int, gen: torch.Generator) -> dict:
     # pool hands out a prompt's blocks): what the scattered ids themselves cost
     in_order = torch.arange(b * nb, dtype=torch.int32, device="cuda").view(b, nb)
     t_in_order = device_median(lambda: ops.decode_attention(q, kc, vc, in_order, ctx, scale), iters)
-    plan = launch_plan.decode_plan(b, HQ, HKV, nb * BS, _cuda_ops._num_sms(0), _cuda_ops._tc_fit(0, D), D)
+    device = ops.cuda_device(q.device)
+    plan = device.decode_plan(b, HQ, HKV, nb * BS, D, q.dtype)
     by_stages = {}  # both pipeline depths, to check the planner's choice (plan[3])
     for stages in (2, 3):
-        launch_plan.DECODE_TC_STAGES = stages
-        try:
+        with device.override(decode_tc_stages=stages):
             by_stages[str(stages)] = device_median(lambda: ops.decode_attention(q, kc, vc, bt, ctx, scale), iters)
-        finally:
-            launch_plan.DECODE_TC_STAGES = None
 
     def gathered(cache):  # [B, HKV, L, D]
         return cache[bt.long()].permute(0, 2, 1, 3, 4).reshape(b, HKV, l, D)

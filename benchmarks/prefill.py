@@ -25,7 +25,6 @@ import torch
 
 from harness import device_median, environment, write_json
 from pagedserve import ops
-from pagedserve.ops import _cuda_ops
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 
@@ -57,11 +56,8 @@ def prefill_case(name: str, seqs: int, cached: int, new: int, iters: int, gen: t
     flops = 4 * D * HQ * seqs * attended_pairs(cached, new)
 
     def paged(tc: bool, out: torch.Tensor):
-        _cuda_ops.PREFILL_TENSOR_CORES = tc
-        try:
+        with ops.cuda_device(q.device).override(prefill_tensor_cores=tc):
             return device_median(lambda: ops.prefill_attention(q, kc, vc, bt, qsl, ctx_lens, scale, out=out), iters)
-        finally:
-            _cuda_ops.PREFILL_TENSOR_CORES = True
 
     # the same K/V, contiguous per sequence ([tokens, heads, D], sequence after sequence)
     def contiguous(cache):

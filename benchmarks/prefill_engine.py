@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pagedserve.config import EngineConfig
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.runner.model_runner import ModelRunner
-    from pagedserve.ops import _cuda_ops
+    from pagedserve.ops import cuda_device
 
     rng = random.Random(args.seed)
     long_prompts = random_prompts(args.long_requests, args.long_tokens, rng)
@@ -90,19 +90,19 @@ def main(argv: list[str] | None = None) -> dict:
                            max_model_len=max_len, max_num_batched_tokens=args.max_num_batched_tokens,
                            swap_space_gb=0.0, **extra)
         runner = ModelRunner(cfg, cuda_graphs=False)
+        device = cuda_device(cfg.device)
         report["device"], report["dtype"] = cfg.device, cfg.dtype
         report["flash_prefill"] = runner.flash_prefill
         workloads = [("long prompts", long_prompts, None, False),
                      ("shared prefix", prefixed, warmup, True)]
-        try:
-            for name, prompts, warm, caching in workloads:
-                wcfg = EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": caching})
-                # a short warm-up of each kernel first (compilation, allocator)
-                for kernel, tc in KERNELS.items():
-                    _cuda_ops.PREFILL_TENSOR_CORES = tc
+        for name, prompts, warm, caching in workloads:
+            wcfg = EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": caching})
+            # a short warm-up of each kernel first (compilation, allocator)
+            for kernel, tc in KERNELS.items():
+                with device.override(prefill_tensor_cores=tc):
                     run_workload(lambda: LLMEngine(wcfg, runner=runner), prompts[:1], None)
-                for kernel, tc in KERNELS.items():
-                    _cuda_ops.PREFILL_TENSOR_CORES = tc
+            for kernel, tc in KERNELS.items():
+                with device.override(prefill_tensor_cores=tc):
                     row = {"workload": name, "kernel": kernel, "requests": len(prompts),
                            **run_workload(lambda: LLMEngine(wcfg, runner=runner), prompts, warm)}
                     report["results"].append(row)
@@ -110,8 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{row['prompt_tokens'] - row['cached_tokens']} tokens computed "
                           f"({row['cached_tokens']} cached): {row['computed_tokens_per_s']:9.0f} tokens/s",
                           flush=True)
-        finally:
-            _cuda_ops.PREFILL_TENSOR_CORES = True
     for name, *_ in workloads:
         rows = {r["kernel"]: r for r in report["results"] if r["workload"] == name}
         print(f"{name}: tensor cores {rows['cuda_cores']['seconds'] / rows['tensor_cores']['seconds']:.2f}x "

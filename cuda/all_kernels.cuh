@@ -9,3 +9,4 @@
 #include "prefill_tc.cuh"
 #include "layer_ops.cuh"
 #include "gemv.cuh"
+#include "launch_table.cuh"

@@ -28,8 +28,8 @@ namespace ps {
 // grid of about one CTA per SM needs to keep HBM busy; 2 halves that and the
 // shared memory, so one more CTA fits per SM, and wins where the whole grid is
 // resident at once with bytes enough in flight (docs/kernels.md). Head 256 fits
-// only 2 in 227 KiB of shared memory. Mirrored by decode_tc_max_stages and
-// decode_tc_smem_bytes in ops/loaders.py.
+// only 2 in 227 KiB of shared memory. The host learns the depths and sizes from
+// the launch table (launch_table.cuh).
 template <int D>
 struct TcMaxStages {
   enum { VALUE = D >= 256 ? 2 : 3 };
@@ -40,11 +40,12 @@ struct TcShape : TileRows<D> {
   typedef TileRows<D> R;
   enum {
     NWARPS = 4,
+    HEADS = 16,                     // query heads per CTA: the 16 query rows of the tile math
     TILE = 16,                      // tokens per warp tile (one mma K of P V)
     STAGES = ST,
     STAGE_ELEMS = 2 * TILE * R::RP,  // K rows then V rows
     PIPE_BYTES = NWARPS * STAGES * STAGE_ELEMS * 2,
-    SMEM_BYTES = 16 * R::DP * 2 + PIPE_BYTES + 128,  // must match decode_tc_smem_bytes in ops/loaders.py
+    SMEM_BYTES = HEADS * R::DP * 2 + PIPE_BYTES + 128,  // the host reads it from launch_table.cuh
   };
   static_assert(ST >= 2 && ST <= TcMaxStages<D>::VALUE, "pipeline depth out of range");
   static_assert((TILE * R::CPR) % 32 == 0, "a tile must split evenly over the lanes");

@@ -45,7 +45,7 @@ struct PrefillTcShape : TileRows<D> {
     KC = 64,                       // KV tokens per stage
     STAGES = 2,
     STAGE_ELEMS = 2 * KC * R::RP,  // K rows then V rows
-    SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + ROWS * R::DP * 2 + 128,  // must match prefill_tc_smem_bytes in ops/loaders.py
+    SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + ROWS * R::DP * 2 + 128,  // the host reads it from launch_table.cuh
     COPIES = KC * R::CPR / (NWARPS * 32),  // 16-byte copies per thread per stage, for K and for V
   };
   static_assert((KC * R::CPR) % (NWARPS * 32) == 0, "a stage must split evenly over the threads");

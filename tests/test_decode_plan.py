@@ -10,8 +10,8 @@ from pagedserve.ops import launch_plan
 SMS, H100_TC = 132, launch_plan.TcFit(max_stages=3, shallow_ctas_per_sm=3)
 
 
-def plan(batch, context, heads=(32, 8), tc=H100_TC, head_size=128):
-    return launch_plan.decode_plan(batch, heads[0], heads[1], context, SMS, tc, head_size)
+def plan(batch, context, heads=(32, 8), tc=H100_TC, head_size=128, **options):
+    return launch_plan.decode_plan(batch, heads[0], heads[1], context, SMS, tc, head_size, **options)
 
 
 @pytest.mark.parametrize("batch, context, expected", [
@@ -42,22 +42,20 @@ def test_shallow_pipeline_only_for_one_full_resident_wave(batch, stages):
     assert plan(batch, 1024)[3] == stages
 
 
-def test_pipeline_depth_where_the_deep_one_cannot_run(monkeypatch):
+def test_pipeline_depth_where_the_deep_one_cannot_run():
     # head 256 (and GPUs with less shared memory) only fit 2 stages; half the bytes per
     # token at head 64 need twice the CTAs in flight
     assert plan(32, 1024, tc=launch_plan.TcFit(2, 1), head_size=256)[3] == 2
     assert plan(32, 1024, head_size=64)[3] == 3
     assert plan(48, 1024, head_size=64)[3] == 2
-    monkeypatch.setattr(launch_plan, "DECODE_TC_STAGES", 3)
-    assert plan(32, 1024)[3] == 3
-    assert plan(32, 1024, tc=launch_plan.TcFit(2, 1), head_size=256)[3] == 2
+    assert plan(32, 1024, tc_stages=3)[3] == 3
+    assert plan(32, 1024, tc=launch_plan.TcFit(2, 1), head_size=256, tc_stages=3)[3] == 2
 
 
-def test_forced_and_forbidden_splits(monkeypatch):
-    monkeypatch.setattr(launch_plan, "TARGET_CTAS_PER_SM", 1 << 20)
-    assert plan(2, 4097, heads=(8, 2))[:3] == (16, 256, 17)  # as many 256-token partitions as fit
-    monkeypatch.setattr(launch_plan, "TARGET_CTAS_PER_SM", 0)
-    assert plan(1, 32768)[:3] == (16, 32768, 1)
+def test_forced_and_forbidden_splits():
+    # as many 256-token partitions as fit
+    assert plan(2, 4097, heads=(8, 2), target_ctas_per_sm=1 << 20)[:3] == (16, 256, 17)
+    assert plan(1, 32768, target_ctas_per_sm=0)[:3] == (16, 32768, 1)
 
 
 def test_cuda_core_plan_groups_query_heads():

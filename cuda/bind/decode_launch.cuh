@@ -11,16 +11,15 @@ namespace pscuda {
 
 template <int DT>
 void decode_dtype(const DecodeArgs &a) {
-  if (a.nparts > 1 && a.split_counters == 0) unsupported("split_counters 0 with nparts", a.nparts);
+  if (a.grid_z > 1 && a.split_counters == 0) unsupported("split_counters 0 with partitions", a.grid_z);
   using T = typename ps::Elem<DT>::T;
   const int bs_log2 = log2_exact(a.block_size, "block_size");
-  const int G = a.num_heads / a.num_kv_heads;
+  const dim3 grid(a.grid_x, a.grid_y, a.grid_z);
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   with_head_size(a.head_size, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
     auto go = [&](auto qc) {
       constexpr int QPB = decltype(qc)::value;
-      const dim3 grid(a.num_kv_heads * ((G + QPB - 1) / QPB), a.num_seqs, a.nparts);
       ps::paged_decode_kernel<DT, D, QPB><<<grid, 128, 0, stream>>>(
           reinterpret_cast<T *>(a.out), reinterpret_cast<float *>(a.part_out),
           reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,
@@ -43,7 +42,6 @@ void decode_dtype(const DecodeArgs &a) {
             if (err != cudaSuccess)
               throw std::runtime_error(std::string("decode smem: ") + cudaGetErrorString(err));
           }
-          const dim3 grid(a.num_kv_heads * ((G + 15) / 16), a.num_seqs, a.nparts);
           kernel<<<grid, 128, smem, stream>>>(
               reinterpret_cast<T *>(a.out), reinterpret_cast<float *>(a.part_out),
               reinterpret_cast<float *>(a.part_ml), reinterpret_cast<const T *>(a.q), a.q_stride,

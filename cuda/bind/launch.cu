@@ -1,7 +1,6 @@
 // Entry points that dispatch on dtype, plus the prefill and cache-op launchers.
 #include "../cache_ops.cuh"
-#include "../prefill.cuh"
-#include "../prefill_tc.cuh"
+#include "../launch_table.cuh"
 #include "launch_util.cuh"
 
 #include <algorithm>
@@ -9,6 +8,17 @@
 #include <vector>
 
 namespace pscuda {
+
+std::vector<std::array<int, 6>> launch_table() {
+  ps::LaunchRow rows[ps::LAUNCH_TABLE_MAX];
+  const int n = ps::fill_launch_table(rows);
+  std::vector<std::array<int, 6>> out;
+  for (int i = 0; i < n; ++i) {
+    const ps::LaunchRow &r = rows[i];
+    out.push_back({r.kernel, r.size, r.variant, r.threads, r.rows, r.smem_bytes});
+  }
+  return out;
+}
 
 template <int DT> void decode_dtype(const DecodeArgs &a);
 
@@ -25,11 +35,10 @@ template <int DT>
 static void prefill_dtype(const PrefillArgs &a) {
   using T = typename ps::Elem<DT>::T;
   const int bs_log2 = log2_exact(a.block_size, "block_size");
-  const int G = a.num_heads / a.num_kv_heads;
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   with_head_size(a.head_size, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
-    int smem = ps::prefill_smem_bytes(D), rows = ps::PrefillShape::ROWS;
+    int smem = ps::prefill_smem_bytes(D);
     auto kernel = ps::paged_prefill_kernel<DT, D>;
     if (a.tensor_cores) {
       if constexpr (DT == ps::DT_F32) {
@@ -37,16 +46,13 @@ static void prefill_dtype(const PrefillArgs &a) {
       } else {
         kernel = ps::paged_prefill_tc_kernel<DT, D>;
         smem = ps::PrefillTcShape<D>::SMEM_BYTES;
-        rows = ps::PrefillTcShape<D>::ROWS;
       }
     }
     if (smem > 48 * 1024) {
       const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (err != cudaSuccess) throw std::runtime_error(std::string("prefill smem: ") + cudaGetErrorString(err));
     }
-    // Upper bound on the tiles of all sequences; surplus CTAs exit at once.
-    const dim3 grid((a.num_tokens * G + rows - 1) / rows + a.num_seqs, a.num_kv_heads);
-    kernel<<<grid, 128, smem, stream>>>(
+    kernel<<<dim3(a.grid_x, a.grid_y), 128, smem, stream>>>(
         reinterpret_cast<T *>(a.out), reinterpret_cast<const T *>(a.q), a.q_stride,
         reinterpret_cast<const T *>(a.key_cache), reinterpret_cast<const T *>(a.value_cache),
         reinterpret_cast<const int *>(a.block_tables), a.bt_stride,
@@ -57,7 +63,7 @@ static void prefill_dtype(const PrefillArgs &a) {
 }
 
 void prefill(const PrefillArgs &a) {
-  if (a.num_tokens == 0) return;
+  if (a.grid_x == 0) return;
   switch (a.dtype) {
     case ps::DT_F32: prefill_dtype<ps::DT_F32>(a); break;
     case ps::DT_F16: prefill_dtype<ps::DT_F16>(a); break;

@@ -1,10 +1,13 @@
 // Host launchers of the kernels in cuda/*.cuh, built by nvcc into pagedserve._cuda.
 // Pointers travel as integers and the stream as its raw handle, so neither this
 // header nor module.cpp depends on PyTorch or on CUDA headers. Launch plans
-// (query heads per CTA, partitioning) are chosen by the Python wrapper, which
-// hands the same plan to the NVRTC loader: one policy, two loaders.
+// (query heads per CTA, partitioning) and grids are computed by the Python wrapper
+// from the launch table (launch_table.cuh, returned by launch_table() here), which
+// hands the same ones to the NVRTC loader: one table, one policy, two loaders.
 #pragma once
+#include <array>
 #include <cstdint>
+#include <vector>
 
 namespace pscuda {
 
@@ -18,10 +21,11 @@ struct DecodeArgs {
   ptr key_cache, value_cache, block_tables;
   int bt_stride;
   ptr context_lens;
-  ptr split_counters;  // zeroed uint32 [num_seqs, CTAs per sequence] when nparts > 1, else 0
-  int num_seqs, num_heads, num_kv_heads, block_size;
+  ptr split_counters;  // zeroed uint32 [num_seqs, CTAs per sequence] when grid_z > 1, else 0
+  int num_heads, num_kv_heads, block_size;
   float scale;
-  int part_tokens, nparts;
+  int part_tokens;
+  int grid_x, grid_y, grid_z;  // (KV heads x head groups, sequences, partitions)
   ptr stream;
 };
 
@@ -32,11 +36,16 @@ struct PrefillArgs {
   ptr key_cache, value_cache, block_tables;
   int bt_stride;
   ptr query_start_loc, context_lens;
-  int num_seqs, num_tokens, num_heads, num_kv_heads, block_size;
+  int num_seqs, num_heads, num_kv_heads, block_size;
   float scale;
   int tensor_cores;  // 1: paged_prefill_tc_kernel (fp16/bf16, sm_80 and up)
+  int grid_x, grid_y;  // (tiles of every sequence, KV heads); grid_x 0: nothing to do
   ptr stream;
 };
+
+// The launch table: rows of (kernel, size, variant, threads, rows, smem bytes), see
+// launch_table.cuh.
+std::vector<std::array<int, 6>> launch_table();
 
 // Each throws std::runtime_error on a bad argument or a failed launch.
 void decode(const DecodeArgs &a);
@@ -70,8 +79,9 @@ void rotary(int dtype, ptr x, std::int64_t row_stride, ptr positions, ptr cos_ta
             int num_tokens, int num_heads, int head_size, int threads, ptr stream);
 // out[m, n] = x[m, :] . w[n, :] for m < M <= 8 (small-batch decode projections);
 // x [M, K], w [N, K], out [M, N], all contiguous, K a whole number of 16-byte vectors;
-// rows_per_warp 1 or 4 (the wrapper picks by N, see cuda/gemv.cuh).
-void gemv(int dtype, ptr out, ptr x, ptr w, int m, int n, int k, int rows_per_warp, ptr stream);
+// rows_per_warp 1 or 4 (the wrapper picks by N, see cuda/gemv.cuh); grid_x CTAs.
+void gemv(int dtype, ptr out, ptr x, ptr w, int m, int n, int k, int rows_per_warp, int grid_x,
+          ptr stream);
 // Index of the first of `count` pointers (a HOST int64 array) that the GPU
 // cannot address (pageable host memory), or -1 when all can.
 int first_unpinned(ptr ptrs, int count);

@@ -58,12 +58,12 @@ void rotary(int dtype, ptr x, std::int64_t row_stride, ptr positions, ptr cos_ta
   check_launch("rotary_kernel");
 }
 
-void gemv(int dtype, ptr out, ptr x, ptr w, int m, int n, int k, int rows_per_warp, ptr stream) {
+void gemv(int dtype, ptr out, ptr x, ptr w, int m, int n, int k, int rows_per_warp, int grid_x,
+          ptr stream) {
   if (m == 0 || n == 0) return;
   if (m < 0 || m > ps::GemvShape::MAX_M) unsupported("gemv rows (1 to 8)", m);
   if (rows_per_warp != 1 && rows_per_warp != 4) unsupported("gemv rows_per_warp (1 or 4)", rows_per_warp);
-  const int rows_per_cta = ps::GemvShape::WARPS * rows_per_warp;
-  const dim3 grid((n + rows_per_cta - 1) / rows_per_cta);
+  const dim3 grid(grid_x);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   with_dtype(dtype, [&](auto dc) {
     constexpr int DT = decltype(dc)::value;

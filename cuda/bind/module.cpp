@@ -2,6 +2,7 @@
 // integers (device pointers, strides, shapes, dtype codes, the stream handle);
 // pagedserve/ops/_cuda_ops.py and _cuda_layer_ops.py build them from torch tensors.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "launch.h"
 
@@ -11,39 +12,43 @@ using namespace pscuda;
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "Paged-attention and KV-cache CUDA kernels (raw-pointer launchers)";
 
+  m.def("launch_table", &launch_table,
+        "Rows (kernel, size, variant, threads, rows per CTA, dynamic smem bytes) of every "
+        "kernel instance (cuda/launch_table.cuh).");
+
   m.def("decode",
         [](int dtype, int head_size, int qpb, int stages, ptr out, ptr part_out, ptr part_ml, ptr q,
            std::int64_t q_stride, ptr key_cache, ptr value_cache, ptr block_tables, int bt_stride,
-           ptr context_lens, ptr split_counters, int num_seqs, int num_heads, int num_kv_heads,
-           int block_size, float scale, int part_tokens, int nparts, ptr stream) {
+           ptr context_lens, ptr split_counters, int num_heads, int num_kv_heads, int block_size,
+           float scale, int part_tokens, int grid_x, int grid_y, int grid_z, ptr stream) {
           decode(DecodeArgs{dtype, head_size, qpb, stages, out, part_out, part_ml, q, q_stride,
                             key_cache, value_cache, block_tables, bt_stride, context_lens,
-                            split_counters, num_seqs, num_heads, num_kv_heads, block_size, scale,
-                            part_tokens, nparts, stream});
+                            split_counters, num_heads, num_kv_heads, block_size, scale,
+                            part_tokens, grid_x, grid_y, grid_z, stream});
         },
         py::arg("dtype"), py::arg("head_size"), py::arg("qpb"), py::arg("stages"), py::arg("out"),
         py::arg("part_out"), py::arg("part_ml"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
-        py::arg("context_lens"), py::arg("split_counters"), py::arg("num_seqs"),
-        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"), py::arg("scale"),
-        py::arg("part_tokens"), py::arg("nparts"), py::arg("stream"),
-        "Decode paged attention (split-KV when nparts > 1, merged in the same launch).");
+        py::arg("context_lens"), py::arg("split_counters"), py::arg("num_heads"),
+        py::arg("num_kv_heads"), py::arg("block_size"), py::arg("scale"), py::arg("part_tokens"),
+        py::arg("grid_x"), py::arg("grid_y"), py::arg("grid_z"), py::arg("stream"),
+        "Decode paged attention (split-KV when grid_z > 1, merged in the same launch).");
 
   m.def("prefill",
         [](int dtype, int head_size, ptr out, ptr q, std::int64_t q_stride, ptr key_cache,
            ptr value_cache, ptr block_tables, int bt_stride, ptr query_start_loc, ptr context_lens,
-           int num_seqs, int num_tokens, int num_heads, int num_kv_heads, int block_size, float scale,
-           bool tensor_cores, ptr stream) {
+           int num_seqs, int num_heads, int num_kv_heads, int block_size, float scale,
+           bool tensor_cores, int grid_x, int grid_y, ptr stream) {
           prefill(PrefillArgs{dtype, head_size, out, q, q_stride, key_cache, value_cache,
                               block_tables, bt_stride, query_start_loc, context_lens, num_seqs,
-                              num_tokens, num_heads, num_kv_heads, block_size, scale,
-                              tensor_cores ? 1 : 0, stream});
+                              num_heads, num_kv_heads, block_size, scale, tensor_cores ? 1 : 0,
+                              grid_x, grid_y, stream});
         },
         py::arg("dtype"), py::arg("head_size"), py::arg("out"), py::arg("q"), py::arg("q_stride"),
         py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
         py::arg("query_start_loc"), py::arg("context_lens"), py::arg("num_seqs"),
-        py::arg("num_tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"),
-        py::arg("scale"), py::arg("tensor_cores"), py::arg("stream"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("block_size"), py::arg("scale"),
+        py::arg("tensor_cores"), py::arg("grid_x"), py::arg("grid_y"), py::arg("stream"),
         "Varlen causal prefill over paged KV (tensor_cores: the fp16/bf16 mma kernel).");
 
   m.def("write_kv", &write_kv, py::arg("key"), py::arg("value"), py::arg("key_cache"),
@@ -80,7 +85,7 @@ PYBIND11_MODULE(_cuda, m) {
         "Rotate-half RoPE in place on the query and key heads.");
 
   m.def("gemv", &gemv, py::arg("dtype"), py::arg("out"), py::arg("x"), py::arg("w"), py::arg("m"),
-        py::arg("n"), py::arg("k"), py::arg("rows_per_warp"), py::arg("stream"),
+        py::arg("n"), py::arg("k"), py::arg("rows_per_warp"), py::arg("grid_x"), py::arg("stream"),
         "out[m, n] = x[m] . w[n] for up to 8 rows of x (streams w once).");
 
   m.def("first_unpinned", &first_unpinned, py::arg("ptrs"), py::arg("count"),

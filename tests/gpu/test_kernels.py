@@ -33,6 +33,20 @@ def loader(request):
     ops.set_loader(None)
 
 
+def test_both_loaders_read_one_launch_table():
+    """The compiled module returns the launch table of cuda/launch_table.cuh and the NVRTC
+    loader reads it back from the device: the same rows, with the kernels the planner
+    picks from (launch_plan.QPB_CHOICES, the 16 query heads of a tensor-core CTA)."""
+    compiled = ops.get_loader("compiled").launch_table()
+    assert ops.get_loader("cupy").launch_table() == compiled
+    for d in HEAD_SIZES:
+        assert compiled.variants("decode", d) == list(launch_plan.QPB_CHOICES)
+        assert compiled.variants("decode_tc", d) == ([2] if d == 256 else [2, 3])
+        for st in compiled.variants("decode_tc", d):
+            assert compiled.shape("decode_tc", d, st).rows == launch_plan.QPB_TC
+    assert compiled.head_sizes() == HEAD_SIZES == list(_cuda_ops.HEAD_SIZES)
+
+
 def rel_err(got, want):
     return float((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
@@ -68,13 +82,10 @@ def run_decode(q, kc, vc, bt, ctx, scale, split, stages=None):
     pipeline depth (clamped to what the head size fits)."""
     dev = "cuda"
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=dev)
-    old = launch_plan.TARGET_CTAS_PER_SM, launch_plan.DECODE_TC_STAGES
-    launch_plan.TARGET_CTAS_PER_SM = 1 << 20 if split else 0  # force the split / the single pass
-    launch_plan.DECODE_TC_STAGES = stages
-    try:
+    # force the split / the single pass
+    with ops.cuda_device(out.device).override(target_ctas_per_sm=1 << 20 if split else 0,
+                                              decode_tc_stages=stages):
         ops.decode_attention(q.to(dev), kc.to(dev), vc.to(dev), bt.to(dev), ctx.to(dev), scale, out=out)
-    finally:
-        launch_plan.TARGET_CTAS_PER_SM, launch_plan.DECODE_TC_STAGES = old
     torch.cuda.synchronize()
     return out
 
@@ -149,14 +160,10 @@ def test_decode_split_counters_reset_and_graph(loader):
     kc, vc, bt, ctx = kc.cuda(), vc.cuda(), bt.cuda(), ctx.cuda()
     q = torch.zeros(len(ctx), H, 128, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
-    old = launch_plan.TARGET_CTAS_PER_SM
-    launch_plan.TARGET_CTAS_PER_SM = 1 << 20
-    try:
+    with ops.cuda_device(q.device).override(target_ctas_per_sm=1 << 20):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             ops.decode_attention(q, kc, vc, bt, ctx, 0.1, out=out)
-    finally:
-        launch_plan.TARGET_CTAS_PER_SM = old
     for _ in range(2):
         qh = torch.randn(q.shape, generator=gen).bfloat16()
         q.copy_(qh)
@@ -169,11 +176,11 @@ def test_decode_split_counters_reset_and_graph(loader):
 
 
 @pytest.fixture(params=["tensor_cores", "cuda_cores"])
-def prefill_kernel(request, monkeypatch):
+def prefill_kernel(request):
     """fp16/bf16 prefill runs on the tensor-core kernel; the CUDA-core one (fp32's)
     must stay right for them too (GPUs before sm_80 take it)."""
-    monkeypatch.setattr(_cuda_ops, "PREFILL_TENSOR_CORES", request.param == "tensor_cores")
-    return request.param
+    with ops.cuda_device("cuda").override(prefill_tensor_cores=request.param == "tensor_cores"):
+        yield request.param
 
 
 def check_prefill_case(dtype, head_size, block_size, gen, lens, new, heads=(8, 2)):

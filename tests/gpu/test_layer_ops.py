@@ -122,9 +122,11 @@ def test_gemv_against_float64(loader, dtype, rows, n, k, rows_per_warp):
     w = rand(n, k, dtype=dtype, gen=gen, scale=0.05)
     xg, wg = x.cuda(), w.cuda()
     out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
-    ops.get_loader().gemv(dtype=DTYPE_CODES[dtype], out=out.data_ptr(), x=xg.data_ptr(),
-                          w=wg.data_ptr(), m=rows, n=n, k=k, rows_per_warp=rows_per_warp,
-                          stream=torch.cuda.current_stream().cuda_stream)
+    loader = ops.get_loader()
+    grid_x = loader.launch_table().gemv(rows, n, rows_per_warp).grid[0]
+    loader.gemv(dtype=DTYPE_CODES[dtype], out=out.data_ptr(), x=xg.data_ptr(), w=wg.data_ptr(),
+                m=rows, n=n, k=k, rows_per_warp=rows_per_warp, grid_x=grid_x,
+                stream=torch.cuda.current_stream().cuda_stream)
     want = x.double() @ w.double().T
     assert not out.isnan().any()
     assert rel_err(out, want) < TOL[dtype]

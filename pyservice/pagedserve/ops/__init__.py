@@ -20,9 +20,16 @@ from .loaders import available_loaders, get_loader, set_loader
 __all__ = [
     "allocate_kv_cache", "write_kv", "decode_attention", "prefill_attention", "copy_blocks",
     "swap_blocks", "silu_and_mul", "fused_add_rms_norm", "rotary_embedding", "linear",
-    "set_loader",
-    "get_loader", "available_loaders",
+    "set_loader", "get_loader", "available_loaders", "cuda_device",
 ]
+
+
+def cuda_device(device=None):
+    """The ops' state of one CUDA device (cuda_device.CudaDevice): its launch options
+    (``with ops.cuda_device(0).override(decode_tc_stages=3): ...``), plans and buffers."""
+    from .cuda_device import cuda_device as lookup  # lazily: CPU-only installs never touch it
+
+    return lookup(device)
 
 
 def _cuda():

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._cuda_ops import DTYPE_CODES, _num_sms, _stream
+from ._cuda_ops import DTYPE_CODES, _stream
+from .cuda_device import cuda_device
 from .loaders import get_loader
 
 _VEC_BYTES = 16
@@ -109,9 +110,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
     with torch.cuda.device(x.device):
-        wide = -(-n // 16) >= _GEMV_CTAS_PER_SM * _num_sms(x.device.index or 0)
-        get_loader().gemv(dtype=DTYPE_CODES[x.dtype], out=out.data_ptr(), x=x.data_ptr(),
-                          w=weight.data_ptr(), m=m, n=n, k=k, rows_per_warp=4 if wide else 1,
-                          stream=_stream(x))
+        wide = -(-n // 16) >= _GEMV_CTAS_PER_SM * cuda_device(x.device).num_sms
+        rows_per_warp = 4 if wide else 1
+        loader = get_loader()
+        launch = loader.launch_table().gemv(m, n, rows_per_warp)
+        loader.gemv(dtype=DTYPE_CODES[x.dtype], out=out.data_ptr(), x=x.data_ptr(),
+                    w=weight.data_ptr(), m=m, n=n, k=k, rows_per_warp=rows_per_warp,
+                    grid_x=launch.grid[0], stream=_stream(x))
     return out

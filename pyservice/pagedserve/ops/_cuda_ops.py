@@ -1,61 +1,19 @@
-"""CUDA path of pagedserve.ops: checks torch tensors, chooses the launch plan
-and calls the active loader (compiled or CuPy) with raw pointers and torch's
-current stream."""
+"""CUDA path of pagedserve.ops: checks torch tensors, chooses the launch plan (with
+the device's state, cuda_device.py) and the grid (launch_table.py), and calls the
+active loader (compiled or CuPy) with raw pointers and torch's current stream."""
 
 from __future__ import annotations
 
-import functools
-import itertools
-import weakref
-from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from . import launch_plan
-from .launch_plan import NO_TC, TcFit
-from .loaders import decode_tc_max_stages, decode_tc_smem_bytes, get_loader, prefill_tc_smem_bytes
+from .cuda_device import cuda_device
+from .loaders import get_loader
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_SIZES = (64, 80, 96, 128, 256)
-# fp16/bf16 prefill runs on the tensor-core kernel where the GPU can run it; False
-# forces the CUDA-core kernel (benchmarks and tests compare the two).
-PREFILL_TENSOR_CORES = True
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _resident_ctas(device_index: int, smem: int) -> int:
-    """CTAs of `smem` dynamic shared-memory bytes that fit one SM; 0 where the
-    tensor-core kernels cannot run (before sm_80, or over the per-block opt-in limit)."""
-    p = torch.cuda.get_device_properties(device_index)
-    if p.major < 8:
-        return 0
-    per_block = getattr(p, "shared_memory_per_block_optin", 0) or (227 << 10 if p.major >= 9 else 99 << 10)
-    per_sm = getattr(p, "shared_memory_per_multiprocessor", 0) or per_block + (1 << 10)
-    if smem > per_block:
-        return 0
-    return max(1, min(4, per_sm // (smem + 1024)))  # 1 KiB per CTA is reserved by the driver
-
-
-@functools.lru_cache(maxsize=None)
-def _tc_fit(device_index: int, head_size: int) -> TcFit:
-    """The tensor-core decode kernel's depths and occupancy on this device (NO_TC: it cannot run)."""
-    shallow = min(launch_plan.TC_REG_CTAS_PER_SM, _resident_ctas(device_index, decode_tc_smem_bytes(head_size, 2)))
-    if shallow == 0:
-        return NO_TC
-    deep = decode_tc_max_stages(head_size)
-    fits_deep = deep > 2 and _resident_ctas(device_index, decode_tc_smem_bytes(head_size, deep)) > 0
-    return TcFit(deep if fits_deep else 2, shallow)
-
-
-@functools.lru_cache(maxsize=None)
-def _prefill_tc_ok(device_index: int, head_size: int) -> bool:
-    return _resident_ctas(device_index, prefill_tc_smem_bytes(head_size)) > 0
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -108,29 +66,6 @@ def _attention_checks(name, query, key_cache, value_cache, block_tables, context
              "block_tables and context_lens must be on the query's device")
 
 
-# Split-KV arrival counters: the last CTA of each (sequence, head group) merges
-# the partitions and puts its counter back to 0, so one zeroed buffer per device
-# serves every launch without clearing it again (no memset per step, also under
-# CUDA graphs). Split launches on one device must therefore not overlap (two
-# streams running split decodes at once); the engine runs one stream. Replaced
-# buffers stay referenced: a captured CUDA graph may still point at them.
-_COUNTERS: dict[int, torch.Tensor] = {}
-_RETIRED_COUNTERS: list[torch.Tensor] = []
-
-
-def _split_counters(device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device.index)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    if torch.cuda.is_current_stream_capturing():
-        return fresh  # graph-pool memory, zeroed by a node of the graph: not for eager reuse
-    if buf is not None:
-        _RETIRED_COUNTERS.append(buf)
-    _COUNTERS[device.index] = fresh
-    return fresh
-
-
 def decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, out=None):
     _attention_checks("num_seqs", query, key_cache, value_cache, block_tables, context_lens)
     if not _rows_ok(query):
@@ -145,19 +80,19 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
         return out
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     context_lens = context_lens.contiguous()
-    dev = query.device.index
-    tc = _tc_fit(dev, head_size) if query.dtype != torch.float32 else NO_TC
-    qpb, part_tokens, nparts, stages = launch_plan.decode_plan(
-        num_seqs, num_heads, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(dev), tc, head_size)
+    state = cuda_device(query.device)
+    qpb, part_tokens, nparts, stages = state.decode_plan(
+        num_seqs, num_heads, num_kv_heads, block_tables.shape[1] * block_size, head_size, query.dtype)
     part_out = part_ml = counters = None
     stream = _stream(query)
-    if nparts > 1:
-        part_out = torch.empty(num_seqs, num_heads, nparts, head_size, dtype=torch.float32, device=query.device)
-        part_ml = torch.empty(num_seqs, num_heads, nparts, 2, dtype=torch.float32, device=query.device)
-        ctas_per_seq = num_kv_heads * -(-(num_heads // num_kv_heads) // qpb)
-        counters = _split_counters(query.device, num_seqs * ctas_per_seq)
     with torch.cuda.device(query.device):
-        get_loader().decode(
+        loader = get_loader()
+        launch = loader.launch_table().decode(head_size, qpb, stages, num_seqs, num_heads, num_kv_heads, nparts)
+        if nparts > 1:
+            part_out = torch.empty(num_seqs, num_heads, nparts, head_size, dtype=torch.float32, device=query.device)
+            part_ml = torch.empty(num_seqs, num_heads, nparts, 2, dtype=torch.float32, device=query.device)
+            counters = state.split_counters(num_seqs * launch.grid[0])  # one per CTA of a partition
+        loader.decode(
             dtype=DTYPE_CODES[query.dtype], head_size=head_size, qpb=qpb, stages=stages,
             out=out.data_ptr(),
             part_out=0 if part_out is None else part_out.data_ptr(),
@@ -166,9 +101,9 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
             value_cache=value_cache.data_ptr(), block_tables=block_tables.data_ptr(),
             bt_stride=block_tables.stride(0), context_lens=context_lens.data_ptr(),
             split_counters=0 if counters is None else counters.data_ptr(),
-            num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            block_size=block_size, scale=float(scale), part_tokens=part_tokens, nparts=nparts,
-            stream=stream)
+            num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=block_size,
+            scale=float(scale), part_tokens=part_tokens, grid_x=launch.grid[0],
+            grid_y=launch.grid[1], grid_z=launch.grid[2], stream=stream)
     return out
 
 
@@ -187,17 +122,20 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    tc = (PREFILL_TENSOR_CORES and query.dtype != torch.float32
-          and _prefill_tc_ok(query.device.index, head_size))
+    num_kv_heads = key_cache.shape[1]
+    tc = cuda_device(query.device).prefill_tensor_cores(head_size, query.dtype)
     with torch.cuda.device(query.device):
-        get_loader().prefill(
+        loader = get_loader()
+        launch = loader.launch_table().prefill(head_size, tc, num_tokens, num_seqs, num_heads, num_kv_heads)
+        loader.prefill(
             dtype=DTYPE_CODES[query.dtype], head_size=head_size, out=out.data_ptr(),
             q=query.data_ptr(), q_stride=query.stride(0), key_cache=key_cache.data_ptr(),
             value_cache=value_cache.data_ptr(), block_tables=block_tables.data_ptr(),
             bt_stride=block_tables.stride(0), query_start_loc=query_start_loc.contiguous().data_ptr(),
             context_lens=context_lens.contiguous().data_ptr(), num_seqs=num_seqs,
-            num_tokens=num_tokens, num_heads=num_heads, num_kv_heads=key_cache.shape[1],
-            block_size=key_cache.shape[2], scale=float(scale), tensor_cores=tc, stream=_stream(query))
+            num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=key_cache.shape[2],
+            scale=float(scale), tensor_cores=tc, grid_x=launch.grid[0], grid_y=launch.grid[1],
+            stream=_stream(query))
     return out
 
 
@@ -259,11 +197,6 @@ def _check_ids(m: np.ndarray, num_src: int, num_dst: int) -> None:
                      f"[0, {num_dst}), got src [{lo[0]}, {hi[0]}], dst [{lo[1]}, {hi[1]}]")
 
 
-# Pinned tables uploaded inside captured CUDA graphs (tests, experiments: the engine
-# captures no copies), kept for the life of the process.
-_GRAPH_TABLES: list[torch.Tensor] = []
-
-
 def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], m: np.ndarray, block_bytes: int):
     """One copy_blocks_kernel launch over every tensor pair, on torch's current stream.
     The pointer tables and the pairs go up in one non-blocking copy through staging
@@ -286,7 +219,7 @@ def _launch_copy(device, src_ptrs: list[int], dst_ptrs: list[int], m: np.ndarray
         table = torch.empty(host.shape, dtype=torch.int64, device=device)
         table.copy_(host, non_blocking=True)
         if torch.cuda.is_current_stream_capturing():
-            _GRAPH_TABLES.append(host)  # every replay reads it again: never to be reused
+            cuda_device(device).keep_graph_table(host)
         get_loader().copy_blocks(
             src_ptrs=table.data_ptr(), dst_ptrs=table.data_ptr() + 8 * nt,
             mapping=table.data_ptr() + 16 * nt, num_pairs=n, num_tensors=nt,
@@ -367,24 +300,11 @@ def _validate_swap(srcs: list, dsts: list) -> _SwapSet:
                     _block_bytes(srcs[0]), gpu_dev, unpinned)
 
 
-# Validated cache lists of recent swaps, keyed by the tensors' ids and confirmed
-# through weak references: an engine swapping the same 64 layer caches every
-# step pays the per-tensor checks (about 5 us each) once. Caches are never
-# resized or re-pointed in place.
-_SWAP_SETS: OrderedDict = OrderedDict()
-_SWAP_SETS_MAX = 8
-
-
 def _swap_set(srcs: list, dsts: list) -> _SwapSet:
-    key = (tuple(map(id, srcs)), tuple(map(id, dsts)))
-    hit = _SWAP_SETS.get(key)
-    if hit is not None and all(r() is t for r, t in zip(hit[0], itertools.chain(srcs, dsts))):
-        return hit[1]
-    info = _validate_swap(srcs, dsts)
-    _SWAP_SETS[key] = ([weakref.ref(t) for t in itertools.chain(srcs, dsts)], info)
-    while len(_SWAP_SETS) > _SWAP_SETS_MAX:
-        _SWAP_SETS.popitem(last=False)
-    return info
+    """The validated swap set, remembered by the GPU side's device (CudaDevice.swap_set)."""
+    gpu = srcs[0].device if srcs[0].is_cuda else dsts[0].device
+    _require(gpu.type == "cuda", "swap_blocks needs CUDA caches on one side")
+    return cuda_device(gpu).swap_set(srcs, dsts, _validate_swap)
 
 
 def swap_blocks(src, dst, block_mapping, method: str | None = None):

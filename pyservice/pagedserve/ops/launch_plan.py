@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from .loaders import QPB_CHOICES, QPB_TC
+from .launch_table import QPB_TC
 
-# Split-KV fills the GPU when a batch has fewer CTAs than this many per SM. None: 1
-# for the tensor-core kernel (one of its CTAs streams an SM's share of HBM; see
-# tc_split), 4 for the CUDA-core kernel. Tests set it to force (huge) or forbid (0)
-# the split.
-TARGET_CTAS_PER_SM: int | None = None
+# Query heads per CTA of the CUDA-core decode kernel (its instances in the launch table).
+QPB_CHOICES = (1, 2, 4, 8)
+# Split-KV fills the GPU when a batch has fewer CTAs than this many per SM: 1 for the
+# tensor-core kernel (one of its CTAs streams an SM's share of HBM; see tc_split), 4
+# for the CUDA-core kernel. decode_plan's target_ctas_per_sm replaces both (tests force
+# the split with a huge one, forbid it with 0).
 TC_CTAS_PER_SM = 1
 CUDA_CORE_CTAS_PER_SM = 4
 MIN_PART_TOKENS = 256
@@ -27,9 +28,8 @@ PART_ALIGN = 16
 # and its copies in flight still total SHALLOW_MIN_INFLIGHT bytes: a deeper queue then
 # only lets some SMs draw more of HBM than others, and the launch waits for the slowest
 # (H100, docs/kernels.md: 192-384 CTAs of 1024-2048 tokens 1-5% faster; 128 CTAs, 4 MiB
-# in flight, 4% slower; 512 CTAs, past one resident wave, 1-2% slower). None: that
-# choice; tests force 2 or 3.
-DECODE_TC_STAGES: int | None = None
+# in flight, 4% slower; 512 CTAs, past one resident wave, 1-2% slower). decode_plan's
+# tc_stages forces 2 or 3 instead (tests, benchmarks).
 SHALLOW_MIN_INFLIGHT = 6 << 20
 # Registers (163-168 per thread, 128 threads) hold the kernel to 3 CTAs per SM below head 256.
 TC_REG_CTAS_PER_SM = 3
@@ -65,10 +65,11 @@ def tc_split(ctas: int, max_context: int, target: int) -> tuple[int, int]:
     return (part, n) if n > 1 else (max(max_context, 1), 1)
 
 
-def tc_stages(ctas: int, head_size: int, num_sms: int, tc: TcFit) -> int:
-    """Pipeline depth of a tensor-core decode launch of `ctas` CTAs (see DECODE_TC_STAGES)."""
-    if DECODE_TC_STAGES is not None:
-        return max(2, min(DECODE_TC_STAGES, tc.max_stages))
+def pipeline_stages(ctas: int, head_size: int, num_sms: int, tc: TcFit, forced: int | None = None) -> int:
+    """Pipeline depth of a tensor-core decode launch of `ctas` CTAs (see
+    SHALLOW_MIN_INFLIGHT); `forced` is taken as far as the device fits it."""
+    if forced is not None:
+        return max(2, min(forced, tc.max_stages))
     if tc.max_stages < 3:
         return 2
     resident = ctas <= tc.shallow_ctas_per_sm * num_sms
@@ -77,20 +78,23 @@ def tc_stages(ctas: int, head_size: int, num_sms: int, tc: TcFit) -> int:
 
 
 def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: int,
-                num_sms: int, tc: TcFit = NO_TC, head_size: int = 128) -> tuple[int, int, int, int]:
+                num_sms: int, tc: TcFit = NO_TC, head_size: int = 128, *,
+                target_ctas_per_sm: int | None = None,
+                tc_stages: int | None = None) -> tuple[int, int, int, int]:
     """(query heads per CTA, partition tokens, partitions, pipeline stages). max_context
     is an upper bound known on the host (block table width * block size), so no sync.
-    A `tc` that can run (_cuda_ops._tc_fit) selects the tensor-core kernel (qpb QPB_TC, stages 2
-    or 3); the CUDA-core kernel has no stages (0)."""
+    A `tc` that can run (CudaDevice.tc_fit) selects the tensor-core kernel (qpb QPB_TC,
+    stages 2 or 3); the CUDA-core kernel has no stages (0). target_ctas_per_sm and
+    tc_stages replace the planner's choices (LaunchOptions of cuda_device.py)."""
     group = num_heads // num_kv_heads
     if tc.max_stages > 0:
         ctas = num_seqs * num_kv_heads * -(-group // QPB_TC)
-        per_sm = TC_CTAS_PER_SM if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
+        per_sm = TC_CTAS_PER_SM if target_ctas_per_sm is None else target_ctas_per_sm
         part, nparts = tc_split(ctas, max_context, per_sm * num_sms)
-        return QPB_TC, part, nparts, tc_stages(ctas * nparts, head_size, num_sms, tc)
+        return QPB_TC, part, nparts, pipeline_stages(ctas * nparts, head_size, num_sms, tc, tc_stages)
     qpb = next(q for q in QPB_CHOICES if q >= min(group, QPB_CHOICES[-1]))
     ctas = num_seqs * num_kv_heads * -(-group // qpb)
-    per_sm = CUDA_CORE_CTAS_PER_SM if TARGET_CTAS_PER_SM is None else TARGET_CTAS_PER_SM
+    per_sm = CUDA_CORE_CTAS_PER_SM if target_ctas_per_sm is None else target_ctas_per_sm
     want = -(-per_sm * num_sms // max(ctas, 1))
     if want <= 1 or max_context <= MIN_PART_TOKENS:
         return qpb, max(max_context, 1), 1, 0

@@ -5,10 +5,12 @@
   for installs built without nvcc.
 
 Both expose the same functions with the same keyword arguments (device
-pointers as ints, shapes, dtype codes, the raw stream handle), so the launch
-plans (``launch_plan``) and the launches (``_cuda_ops``, ``_cuda_layer_ops``) are
-written once. The default is ``compiled`` when it
-imports, else ``cupy``; ``set_loader`` forces one (tests run both).
+pointers as ints, shapes, dtype codes, grids, the raw stream handle), so the launch
+plans (``launch_plan``), the grids (``launch_table``) and the launches
+(``_cuda_ops``, ``_cuda_layer_ops``) are written once, and both return the launch
+table of cuda/launch_table.cuh that those grids come from. The default is
+``compiled`` when it imports, else ``cupy``; ``set_loader`` forces one (tests run
+both).
 """
 
 from __future__ import annotations
@@ -19,55 +21,11 @@ import re
 
 import numpy as np
 
+from .launch_table import KERNEL_CODES, QPB_TC, LaunchTable
+
 LOADERS = ("compiled", "cupy")
 _forced: str | None = None
 _instances: dict[str, object] = {}
-
-# Shapes shared with the kernels (PrefillShape in prefill.cuh, TcShape in decode_tc.cuh,
-# PrefillTcShape in prefill_tc.cuh, GemvShape in gemv.cuh).
-PREFILL_ROWS, PREFILL_KC = 16, 32
-PREFILL_TC_KC, PREFILL_TC_STAGES = 64, 2
-GEMV_THREADS, GEMV_MAX_M = 128, 8
-DECODE_THREADS, QPB_CHOICES = 128, (1, 2, 4, 8)
-# qpb value that selects the tensor-core decode kernel (fp16/bf16, up to 16 query heads per CTA)
-QPB_TC = 16
-
-
-def prefill_smem_bytes(head_size: int) -> int:
-    return (PREFILL_ROWS * head_size + PREFILL_KC * (head_size + 1) + PREFILL_KC * head_size) * 4
-
-
-def decode_tc_max_stages(head_size: int) -> int:
-    """Deepest pipeline of paged_decode_tc_kernel (TcMaxStages in decode_tc.cuh): 3
-    tiles per warp, 2 at head size 256 (3 would not fit shared memory)."""
-    return 2 if head_size >= 256 else 3
-
-
-def decode_tc_smem_bytes(head_size: int, stages: int) -> int:
-    """Dynamic shared memory of paged_decode_tc_kernel: 16 query rows padded by 8
-    elements plus, per warp (4), `stages` tiles of 16 K rows and 16 V rows (padded
-    by 8 elements only where the head size is not a power of 2: TcShape::RP)."""
-    q_row = (head_size + 8) * 2
-    return 16 * q_row + 4 * stages * 2 * 16 * _tc_row_bytes(head_size) + 128  # + alignment
-
-
-def _tc_row_bytes(head_size: int) -> int:
-    """A K/V row in shared memory: padded by 16 bytes unless the head size is a
-    power of 2 (TileRows::RP in mma_tile.cuh)."""
-    return head_size * 2 if head_size & (head_size - 1) == 0 else (head_size + 8) * 2
-
-
-def prefill_tc_rows(head_size: int) -> int:
-    """(token, query head) rows per CTA of paged_prefill_tc_kernel: 4 warps of two
-    16-row tiles up to head size 128, of one at 256 (PrefillTcShape::MT)."""
-    return 128 if head_size <= 128 else 64
-
-
-def prefill_tc_smem_bytes(head_size: int) -> int:
-    """Dynamic shared memory of paged_prefill_tc_kernel: `stages` chunks of KC K rows
-    and KC V rows, then the query rows padded by 8 elements."""
-    stages = PREFILL_TC_STAGES * 2 * PREFILL_TC_KC * _tc_row_bytes(head_size)
-    return stages + prefill_tc_rows(head_size) * (head_size + 8) * 2 + 128  # + alignment
 
 
 def set_loader(name: str | None) -> None:
@@ -118,11 +76,17 @@ class CompiledLoader:
         self.fused_add_rms_norm = _cuda.fused_add_rms_norm
         self.rotary = _cuda.rotary
         self.gemv = _cuda.gemv
+        self._table = LaunchTable(_cuda.launch_table())
+
+    def launch_table(self) -> LaunchTable:
+        return self._table
 
 
 # The headers of cuda/ in include order (each after those it includes).
 KERNEL_HEADERS = ("common.cuh", "cache_ops.cuh", "decode.cuh", "mma_tile.cuh", "decode_tc.cuh",
-                  "prefill.cuh", "prefill_tc.cuh", "layer_ops.cuh", "gemv.cuh")
+                  "prefill.cuh", "prefill_tc.cuh", "layer_ops.cuh", "gemv.cuh", "launch_table.cuh")
+# Rows the NVRTC loader reads back (LAUNCH_TABLE_MAX, LAUNCH_ROW_INTS in launch_table.cuh).
+LAUNCH_TABLE_MAX, LAUNCH_ROW_INTS = 128, 6
 
 
 def kernel_source_dir() -> pathlib.Path:
@@ -163,6 +127,7 @@ class CupyLoader:
         self._modules: dict[tuple, object] = {}
         self._streams: dict[int, object] = {}
         self._staging: dict[int, _TableStaging] = {}
+        self._table: LaunchTable | None = None
 
     def _module(self, key: tuple, names: list[str]):
         mod = self._modules.get(key)
@@ -172,11 +137,33 @@ class CupyLoader:
             self._modules[key] = mod
         return mod
 
+    def launch_table(self) -> LaunchTable:
+        """The rows of cuda/launch_table.cuh, computed on the current device once (the
+        loaders' grids need it before the first launch of anything, so it is read back
+        before any CUDA graph capture on a warmed-up engine)."""
+        if self._table is None:
+            cp = self._cp
+            import torch
+
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the NVRTC loader reads its launch table back from the device: "
+                                   "run one launch before capturing a CUDA graph")
+            fn = self._module(("table",), ["ps::launch_table_kernel"]).get_function("ps::launch_table_kernel")
+            with cp.cuda.Device(torch.cuda.current_device()):
+                rows = cp.zeros((LAUNCH_TABLE_MAX, LAUNCH_ROW_INTS), dtype=cp.int32)
+                count = cp.zeros(1, dtype=cp.int32)
+                fn((1, 1, 1), (1, 1, 1), (rows, count))
+                n = int(count.get()[0])
+                self._table = LaunchTable(rows[:n].get().tolist())
+        return self._table
+
     def _attention_fn(self, dtype: int, head_size: int, name: str):
-        names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>" for q in QPB_CHOICES]
+        table = self.launch_table()
+        names = [f"ps::paged_decode_kernel<{dtype},{head_size},{q}>"
+                 for q in table.variants("decode", head_size)]
         if dtype != 0:  # no fp32 tensor-core path
             names += [f"ps::paged_decode_tc_kernel<{dtype},{head_size},{st}>"
-                      for st in range(2, decode_tc_max_stages(head_size) + 1)]
+                      for st in table.variants("decode_tc", head_size)]
             names.append(f"ps::paged_prefill_tc_kernel<{dtype},{head_size}>")
         names.append(f"ps::paged_prefill_kernel<{dtype},{head_size}>")
         return self._module((dtype, head_size), names).get_function(name)
@@ -193,57 +180,44 @@ class CupyLoader:
                 fn(grid, block, args, shared_mem=smem)
 
     def decode(self, *, dtype, head_size, qpb, stages, out, part_out, part_ml, q, q_stride, key_cache,
-               value_cache, block_tables, bt_stride, context_lens, split_counters, num_seqs,
-               num_heads, num_kv_heads, block_size, scale, part_tokens, nparts, stream):
-        if head_size not in (64, 80, 96, 128, 256):
-            raise ValueError(f"head_size {head_size} is not supported")
-        if qpb not in QPB_CHOICES + (QPB_TC,) or (qpb == QPB_TC and dtype == 0):
+               value_cache, block_tables, bt_stride, context_lens, split_counters, num_heads,
+               num_kv_heads, block_size, scale, part_tokens, grid_x, grid_y, grid_z, stream):
+        if qpb == QPB_TC and dtype == 0:
             raise ValueError(f"qpb {qpb} is not supported for dtype code {dtype}")
-        if nparts > 1 and not split_counters:
-            raise ValueError(f"split_counters is required with nparts {nparts}")
+        if grid_z > 1 and not split_counters:
+            raise ValueError(f"split_counters is required with {grid_z} partitions")
+        shape = self.launch_table().decode_shape(head_size, qpb, stages)  # ValueError: no such kernel
         bs_log2 = _log2(block_size, "block_size")
-        group = num_heads // num_kv_heads
-        smem = 0
-        if qpb == QPB_TC:
-            if not 2 <= stages <= decode_tc_max_stages(head_size):
-                raise ValueError(f"stages {stages} is not supported at head_size {head_size}")
-            fn = self._attention_fn(dtype, head_size,
-                                    f"ps::paged_decode_tc_kernel<{dtype},{head_size},{stages}>")
-            smem = decode_tc_smem_bytes(head_size, stages)
-            if smem > 48 * 1024:
-                fn.max_dynamic_shared_size_bytes = smem
-        else:
-            fn = self._attention_fn(dtype, head_size, f"ps::paged_decode_kernel<{dtype},{head_size},{qpb}>")
-        grid = (num_kv_heads * -(-group // qpb), num_seqs, nparts)
+        name = (f"ps::paged_decode_tc_kernel<{dtype},{head_size},{stages}>" if qpb == QPB_TC
+                else f"ps::paged_decode_kernel<{dtype},{head_size},{qpb}>")
+        fn = self._attention_fn(dtype, head_size, name)
+        if shape.smem_bytes > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = shape.smem_bytes
         u, i32, i64 = np.uint64, np.int32, np.int64
         args = (u(out), u(part_out), u(part_ml), u(q), i64(q_stride), u(key_cache), u(value_cache),
                 u(block_tables), i32(bt_stride), u(context_lens), u(split_counters), i32(num_heads),
                 i32(num_kv_heads), i32(bs_log2), np.float32(scale), i32(part_tokens))
-        self._launch(fn, grid, (DECODE_THREADS, 1, 1), args, stream, smem=smem)
+        self._launch(fn, (grid_x, grid_y, grid_z), (shape.threads, 1, 1), args, stream,
+                     smem=shape.smem_bytes)
 
     def prefill(self, *, dtype, head_size, out, q, q_stride, key_cache, value_cache,
-                block_tables, bt_stride, query_start_loc, context_lens, num_seqs, num_tokens,
-                num_heads, num_kv_heads, block_size, scale, tensor_cores, stream):
-        if num_tokens == 0:
+                block_tables, bt_stride, query_start_loc, context_lens, num_seqs, num_heads,
+                num_kv_heads, block_size, scale, tensor_cores, grid_x, grid_y, stream):
+        if grid_x == 0:
             return
-        if head_size not in (64, 80, 96, 128, 256):
-            raise ValueError(f"head_size {head_size} is not supported")
         if tensor_cores and dtype == 0:
             raise ValueError(f"tensor_cores with dtype code {dtype} is not supported")
+        kernel = "prefill_tc" if tensor_cores else "prefill"
+        shape = self.launch_table().shape(kernel, head_size)  # ValueError: no such head size
         bs_log2 = _log2(block_size, "block_size")
-        group = num_heads // num_kv_heads
-        kernel = "paged_prefill_tc_kernel" if tensor_cores else "paged_prefill_kernel"
-        fn = self._attention_fn(dtype, head_size, f"ps::{kernel}<{dtype},{head_size}>")
-        smem = prefill_tc_smem_bytes(head_size) if tensor_cores else prefill_smem_bytes(head_size)
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
-        rows = prefill_tc_rows(head_size) if tensor_cores else PREFILL_ROWS
-        grid = (-(-num_tokens * group // rows) + num_seqs, num_kv_heads, 1)
+        fn = self._attention_fn(dtype, head_size, f"ps::paged_{kernel}_kernel<{dtype},{head_size}>")
+        if shape.smem_bytes > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = shape.smem_bytes
         u, i32 = np.uint64, np.int32
         args = (u(out), u(q), np.int64(q_stride), u(key_cache), u(value_cache), u(block_tables),
                 i32(bt_stride), u(query_start_loc), u(context_lens), i32(num_seqs),
                 i32(num_heads), i32(num_kv_heads), i32(bs_log2), np.float32(scale))
-        self._launch(fn, grid, (128, 1, 1), args, stream, smem=smem)
+        self._launch(fn, (grid_x, grid_y, 1), (shape.threads, 1, 1), args, stream, smem=shape.smem_bytes)
 
     def _cache_fn(self, name: str):
         return self._module(("cache",), ["ps::write_kv_kernel", "ps::copy_blocks_kernel"]).get_function(name)
@@ -330,19 +304,16 @@ class CupyLoader:
         self._launch(self._layer_fn("rotary_kernel", dtype), (num_tokens, 1, 1), (threads, 1, 1),
                      args, stream)
 
-    def gemv(self, dtype, out, x, w, m, n, k, rows_per_warp, stream):
+    def gemv(self, dtype, out, x, w, m, n, k, rows_per_warp, grid_x, stream):
         if m == 0 or n == 0:
             return
-        if not 1 <= m <= GEMV_MAX_M:
-            raise ValueError(f"gemv takes 1 to {GEMV_MAX_M} rows, got {m}")
-        if rows_per_warp not in (1, 4):
-            raise ValueError(f"gemv rows_per_warp must be 1 or 4, got {rows_per_warp}")
-        names = [f"ps::gemv_kernel<{dtype},{i},{r}>" for i in range(1, GEMV_MAX_M + 1) for r in (1, 4)]
+        table = self.launch_table()
+        shape = table.shape("gemv", m, rows_per_warp)  # ValueError: more rows than it takes
+        names = [f"ps::gemv_kernel<{dtype},{size},{r}>" for code, size, r, *_ in table.rows
+                 if code == KERNEL_CODES["gemv"]]
         fn = self._module(("gemv", dtype), names).get_function(f"ps::gemv_kernel<{dtype},{m},{rows_per_warp}>")
         u, i32 = np.uint64, np.int32
-        rows_per_cta = GEMV_THREADS // 32 * rows_per_warp
-        self._launch(fn, (-(-n // rows_per_cta), 1, 1), (GEMV_THREADS, 1, 1),
-                     (u(out), u(x), u(w), i32(n), i32(k)), stream)
+        self._launch(fn, (grid_x, 1, 1), (shape.threads, 1, 1), (u(out), u(x), u(w), i32(n), i32(k)), stream)
 
     def first_unpinned(self, ptrs, count):
         rt = self._cp.cuda.runtime
