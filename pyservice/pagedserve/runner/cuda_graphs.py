@@ -96,13 +96,12 @@ class DecodeGraphs:
 
     def _splits(self, batch: int, width: int) -> bool:
         """Whether the decode kernel splits the KV of this batch at this table width."""
-        from pagedserve.ops import _cuda_ops as co, launch_plan
+        from pagedserve.ops import cuda_device
 
         num_heads, num_kv_heads, head_dim, dtype = self._heads
-        dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        tc = co._tc_fit(dev, head_dim) if dtype != torch.float32 else launch_plan.NO_TC
-        return launch_plan.decode_plan(batch, num_heads, num_kv_heads, width * self.bs,
-                                       co._num_sms(dev), tc, head_dim)[2] > 1
+        plan = cuda_device(self.device).decode_plan(batch, num_heads, num_kv_heads, width * self.bs,
+                                                    head_dim, dtype)
+        return plan[2] > 1
 
     def width_classes(self, batch: int) -> list[int]:
         """Table widths (blocks) captured for a bucket, ascending; the last is full."""
