@@ -15,7 +15,7 @@ from pagedserve._native import BlockManager
 from pagedserve.engine.batch import SampleResult, ScheduledBatch
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.sampling_params import SamplingParams
-from test_scheduler import OracleRunner
+from kv_shadow import OracleRunner
 
 BS = 4
 VOCAB = 12

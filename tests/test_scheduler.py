@@ -1,5 +1,5 @@
-"""Scheduler decisions, step by step, against the native block manager and an oracle
-runner.
+"""Scheduler decisions, step by step, against the native block manager and the oracle
+runner (kv_shadow.OracleRunner).
 
 The oracle runner plays the model: it applies each batch's cache ops in the runner's
 order (swap-out, swap-in, copy-on-write), writes every fed token id into its slot, and
@@ -17,51 +17,13 @@ from collections import Counter
 
 import pytest
 
+from kv_shadow import OracleRunner
 from pagedserve._native import BlockManager
-from pagedserve.engine.batch import SampleResult, ScheduledBatch
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.sequence import Status
 from pagedserve.sampling_params import SamplingParams
 
 BS = 4
-
-
-class OracleRunner:
-    def __init__(self, bm: BlockManager):
-        self.bs = bm.block_size
-        self.gpu = [[-1] * self.bs for _ in range(bm.num_gpu_blocks)]
-        self.cpu = [[-1] * self.bs for _ in range(bm.num_cpu_blocks)]
-
-    @staticmethod
-    def next_token(context: list[int], seed: int | None) -> int:
-        return (sum(context) * 31 + len(context) * 7 + (seed or 0) * 13) % 97 + 3
-
-    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        for g, c in batch.swap_out:
-            self.cpu[c] = list(self.gpu[g])
-        for c, g in batch.swap_in:
-            self.gpu[g] = list(self.cpu[c])
-        for src, dst in batch.copies:
-            self.gpu[dst] = list(self.gpu[src])
-        seen = set()
-        for w in batch.work:
-            assert w.seq_id not in seen, "a sequence scheduled twice in one step"
-            seen.add(w.seq_id)
-            for i, t in enumerate(w.token_ids):
-                p = w.start_pos + i
-                self.gpu[w.block_table[p // self.bs]][p % self.bs] = t
-        results = []
-        for w in batch.work:
-            history = w.prompt_token_ids + w.output_token_ids
-            end = w.start_pos + len(w.token_ids)
-            assert history[w.start_pos:end] == w.token_ids
-            assert w.sample == (end == len(history))
-            assert w.sample_index == len(w.output_token_ids)
-            read = [self.gpu[w.block_table[p // self.bs]][p % self.bs] for p in range(end)]
-            assert read == history[:end], f"seq {w.seq_id} reads {read}, owns {history[:end]}"
-            results.append(SampleResult(self.next_token(history, w.params.seed), -1.0)
-                           if w.sample else None)
-        return results
 
 
 def make(num_gpu=32, num_cpu=32, *, tokens=64, seqs=8, mode="auto", prefix=False,
