@@ -123,7 +123,7 @@ def test_gemv_against_float64(loader, dtype, rows, n, k, rows_per_warp):
     xg, wg = x.cuda(), w.cuda()
     out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
     loader = ops.get_loader()
-    grid_x = loader.launch_table().gemv(rows, n, rows_per_warp).grid[0]
+    grid_x = loader.launch_table().gemv_grid(rows, n, rows_per_warp)[0]
     loader.gemv(dtype=DTYPE_CODES[dtype], out=out.data_ptr(), x=xg.data_ptr(), w=wg.data_ptr(),
                 m=rows, n=n, k=k, rows_per_warp=rows_per_warp, grid_x=grid_x,
                 stream=torch.cuda.current_stream().cuda_stream)

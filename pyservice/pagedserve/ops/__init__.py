@@ -25,9 +25,9 @@ __all__ = [
 
 
 def cuda_device(device=None):
-    """The ops' state of one CUDA device (cuda_device.CudaDevice): its launch options
+    """The ops' state of one CUDA device (device_state.CudaDevice): its launch options
     (``with ops.cuda_device(0).override(decode_tc_stages=3): ...``), plans and buffers."""
-    from .cuda_device import cuda_device as lookup  # lazily: CPU-only installs never touch it
+    from .device_state import cuda_device as lookup  # lazily: CPU-only installs never touch it
 
     return lookup(device)
 

@@ -9,7 +9,7 @@ import torch
 
 from . import reference
 from ._cuda_ops import DTYPE_CODES, _stream
-from .cuda_device import cuda_device
+from .device_state import cuda_device
 from .loaders import get_loader
 
 _VEC_BYTES = 16
@@ -116,8 +116,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         wide = -(-n // 16) >= _GEMV_CTAS_PER_SM * cuda_device(x.device).num_sms
         rows_per_warp = 4 if wide else 1
         loader = get_loader()
-        launch = loader.launch_table().gemv(m, n, rows_per_warp)
+        grid = loader.launch_table().gemv_grid(m, n, rows_per_warp)
         loader.gemv(dtype=DTYPE_CODES[x.dtype], out=out.data_ptr(), x=x.data_ptr(),
                     w=weight.data_ptr(), m=m, n=n, k=k, rows_per_warp=rows_per_warp,
-                    grid_x=launch.grid[0], stream=_stream(x))
+                    grid_x=grid[0], stream=_stream(x))
     return out

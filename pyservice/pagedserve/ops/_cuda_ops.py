@@ -1,5 +1,5 @@
 """CUDA path of pagedserve.ops: checks torch tensors, chooses the launch plan (with
-the device's state, cuda_device.py) and the grid (launch_table.py), and calls the
+the device's state, device_state.py) and the grid (launch_table.py), and calls the
 active loader (compiled or CuPy) with raw pointers and torch's current stream."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .cuda_device import cuda_device
+from .device_state import cuda_device
 from .loaders import get_loader
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -87,11 +87,12 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
     stream = _stream(query)
     with torch.cuda.device(query.device):
         loader = get_loader()
-        launch = loader.launch_table().decode(head_size, qpb, stages, num_seqs, num_heads, num_kv_heads, nparts)
+        grid = loader.launch_table().decode_grid(head_size, qpb, stages, num_seqs, num_heads, num_kv_heads,
+                                                 nparts)
         if nparts > 1:
             part_out = torch.empty(num_seqs, num_heads, nparts, head_size, dtype=torch.float32, device=query.device)
             part_ml = torch.empty(num_seqs, num_heads, nparts, 2, dtype=torch.float32, device=query.device)
-            counters = state.split_counters(num_seqs * launch.grid[0])  # one per CTA of a partition
+            counters = state.split_counters(num_seqs * grid[0])  # one per CTA of a partition
         loader.decode(
             dtype=DTYPE_CODES[query.dtype], head_size=head_size, qpb=qpb, stages=stages,
             out=out.data_ptr(),
@@ -102,8 +103,8 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
             bt_stride=block_tables.stride(0), context_lens=context_lens.data_ptr(),
             split_counters=0 if counters is None else counters.data_ptr(),
             num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=block_size,
-            scale=float(scale), part_tokens=part_tokens, grid_x=launch.grid[0],
-            grid_y=launch.grid[1], grid_z=launch.grid[2], stream=stream)
+            scale=float(scale), part_tokens=part_tokens, grid_x=grid[0], grid_y=grid[1],
+            grid_z=grid[2], stream=stream)
     return out
 
 
@@ -126,7 +127,7 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
     tc = cuda_device(query.device).prefill_tensor_cores(head_size, query.dtype)
     with torch.cuda.device(query.device):
         loader = get_loader()
-        launch = loader.launch_table().prefill(head_size, tc, num_tokens, num_seqs, num_heads, num_kv_heads)
+        grid = loader.launch_table().prefill_grid(head_size, tc, num_tokens, num_seqs, num_heads, num_kv_heads)
         loader.prefill(
             dtype=DTYPE_CODES[query.dtype], head_size=head_size, out=out.data_ptr(),
             q=query.data_ptr(), q_stride=query.stride(0), key_cache=key_cache.data_ptr(),
@@ -134,7 +135,7 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
             bt_stride=block_tables.stride(0), query_start_loc=query_start_loc.contiguous().data_ptr(),
             context_lens=context_lens.contiguous().data_ptr(), num_seqs=num_seqs,
             num_heads=num_heads, num_kv_heads=num_kv_heads, block_size=key_cache.shape[2],
-            scale=float(scale), tensor_cores=tc, grid_x=launch.grid[0], grid_y=launch.grid[1],
+            scale=float(scale), tensor_cores=tc, grid_x=grid[0], grid_y=grid[1],
             stream=_stream(query))
     return out
 

@@ -85,7 +85,7 @@ def decode_plan(num_seqs: int, num_heads: int, num_kv_heads: int, max_context: i
     is an upper bound known on the host (block table width * block size), so no sync.
     A `tc` that can run (CudaDevice.tc_fit) selects the tensor-core kernel (qpb QPB_TC,
     stages 2 or 3); the CUDA-core kernel has no stages (0). target_ctas_per_sm and
-    tc_stages replace the planner's choices (LaunchOptions of cuda_device.py)."""
+    tc_stages replace the planner's choices (LaunchOptions of device_state.py)."""
     group = num_heads // num_kv_heads
     if tc.max_stages > 0:
         ctas = num_seqs * num_kv_heads * -(-group // QPB_TC)

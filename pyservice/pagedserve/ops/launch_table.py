@@ -4,8 +4,11 @@ from the launch table of cuda/launch_table.cuh.
 The table (threads per CTA, work rows per CTA and dynamic shared memory of every
 kernel instance) is read off the kernels' own shape structs: the compiled module
 returns it and the NVRTC loader reads it back from the device, so no size is written
-twice. The launches in ``_cuda_ops`` and ``_cuda_layer_ops`` get a ``Launch`` from
-here and hand its grid to the loader, which launches what it is given.
+twice. The launches in ``_cuda_ops`` and ``_cuda_layer_ops`` get their grid from here
+and hand it to the loader, which launches what it is given (the NVRTC loader takes
+threads and shared memory from the same table; the compiled one has them built in).
+Grids are plain tuples: every launch computes one, and a named tuple costs more
+host time than the arithmetic.
 """
 
 from __future__ import annotations
@@ -23,12 +26,6 @@ class KernelShape(NamedTuple):
     threads: int     # per CTA
     rows: int        # work rows per CTA (query heads, (token, head) rows, weight rows)
     smem_bytes: int  # dynamic shared memory
-
-
-class Launch(NamedTuple):
-    grid: tuple[int, int, int]
-    threads: int
-    smem_bytes: int
 
 
 class LaunchTable:
@@ -66,24 +63,21 @@ class LaunchTable:
         return self.shape("prefill_tc" if tensor_cores else "prefill", head_size).smem_bytes
 
     def decode_shape(self, head_size: int, qpb: int, stages: int) -> KernelShape:
-        if qpb == QPB_TC:
-            return self.shape("decode_tc", head_size, stages)
-        return self.shape("decode", head_size, qpb)
+        key = ("decode_tc", head_size, stages) if qpb == QPB_TC else ("decode", head_size, qpb)
+        s = self._shapes.get(key)  # every decode launch asks: one lookup
+        return s if s is not None else self.shape(*key)
 
-    def decode(self, head_size: int, qpb: int, stages: int, num_seqs: int, num_heads: int,
-               num_kv_heads: int, nparts: int) -> Launch:
+    def decode_grid(self, head_size: int, qpb: int, stages: int, num_seqs: int, num_heads: int,
+                    num_kv_heads: int, nparts: int) -> tuple[int, int, int]:
         """One CTA per (KV head, group of query heads, sequence, partition)."""
-        s = self.decode_shape(head_size, qpb, stages)
-        group = num_heads // num_kv_heads
-        return Launch((num_kv_heads * -(-group // s.rows), num_seqs, nparts), s.threads, s.smem_bytes)
+        rows = self.decode_shape(head_size, qpb, stages).rows
+        return num_kv_heads * -(-(num_heads // num_kv_heads) // rows), num_seqs, nparts
 
-    def prefill(self, head_size: int, tensor_cores: bool, num_tokens: int, num_seqs: int,
-                num_heads: int, num_kv_heads: int) -> Launch:
+    def prefill_grid(self, head_size: int, tensor_cores: bool, num_tokens: int, num_seqs: int,
+                     num_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
         """An upper bound on the tiles of all sequences (surplus CTAs exit at once), per KV head."""
-        s = self.shape("prefill_tc" if tensor_cores else "prefill", head_size)
-        group = num_heads // num_kv_heads
-        return Launch((-(-num_tokens * group // s.rows) + num_seqs, num_kv_heads, 1), s.threads, s.smem_bytes)
+        rows = self.shape("prefill_tc" if tensor_cores else "prefill", head_size).rows
+        return -(-num_tokens * (num_heads // num_kv_heads) // rows) + num_seqs, num_kv_heads, 1
 
-    def gemv(self, m: int, n: int, rows_per_warp: int) -> Launch:
-        s = self.shape("gemv", m, rows_per_warp)
-        return Launch((-(-n // s.rows), 1, 1), s.threads, s.smem_bytes)
+    def gemv_grid(self, m: int, n: int, rows_per_warp: int) -> tuple[int, int, int]:
+        return -(-n // self.shape("gemv", m, rows_per_warp).rows), 1, 1

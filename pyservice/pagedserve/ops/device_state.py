@@ -156,11 +156,20 @@ class CudaDevice:
 
 
 _devices: dict[int, CudaDevice] = {}
+# The same states keyed by what callers pass (an index, a torch.device with one): every
+# launch looks its device up, and one dict hit is the cheapest way (about 0.1 us).
+_by_key: dict = {}
 
 
 def cuda_device(device) -> CudaDevice:
     """The state of a CUDA device (an index, a torch.device or its name; None or an
     index-less device: the current one), created on first use."""
+    state = _by_key.get(device)
+    return state if state is not None else _lookup(device)
+
+
+def _lookup(device) -> CudaDevice:
+    key = device
     if isinstance(device, str):
         device = torch.device(device)
     if isinstance(device, torch.device):
@@ -171,4 +180,6 @@ def cuda_device(device) -> CudaDevice:
     state = _devices.get(index)
     if state is None:
         state = _devices[index] = CudaDevice(index)
+    if device is not None and not isinstance(key, str):  # "the current device" is no key
+        _by_key[key] = state
     return state
