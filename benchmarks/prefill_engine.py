@@ -22,6 +22,7 @@ wall time. On CPU there is no kernel to choose (both rows run the CPU path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import tempfile
 import time
@@ -90,7 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
                            max_model_len=max_len, max_num_batched_tokens=args.max_num_batched_tokens,
                            swap_space_gb=0.0, **extra)
         runner = ModelRunner(cfg, cuda_graphs=False)
-        device = cuda_device(cfg.device)
+
+        def prefill_kernel(tc: bool):
+            """The prefill kernel forced for a with-block (CPU has one attention path)."""
+            if torch.device(cfg.device).type != "cuda":
+                return contextlib.nullcontext()
+            return cuda_device(cfg.device).override(prefill_tensor_cores=tc)
         report["device"], report["dtype"] = cfg.device, cfg.dtype
         report["flash_prefill"] = runner.flash_prefill
         workloads = [("long prompts", long_prompts, None, False),
@@ -99,10 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
             wcfg = EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": caching})
             # a short warm-up of each kernel first (compilation, allocator)
             for kernel, tc in KERNELS.items():
-                with device.override(prefill_tensor_cores=tc):
+                with prefill_kernel(tc):
                     run_workload(lambda: LLMEngine(wcfg, runner=runner), prompts[:1], None)
             for kernel, tc in KERNELS.items():
-                with device.override(prefill_tensor_cores=tc):
+                with prefill_kernel(tc):
                     row = {"workload": name, "kernel": kernel, "requests": len(prompts),
                            **run_workload(lambda: LLMEngine(wcfg, runner=runner), prompts, warm)}
                     report["results"].append(row)
