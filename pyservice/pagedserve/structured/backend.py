@@ -30,21 +30,28 @@ _MAX_REASON = 400
 class XGrammarBackend:
     """Compiles constraints and makes per-sequence matchers for one tokenizer."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]):
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int],
+                 tokenizer_info: Any = None):
+        """`tokenizer_info`: XGrammar's view of a vocabulary given directly, for a model
+        without a Hugging Face tokenizer (the tests' small vocabularies)."""
         import xgrammar
 
         self.xgr = xgrammar
         self.vocab_size = vocab_size
         self._tokenizer = tokenizer
         self._eos = sorted(eos_token_ids)
+        self._info = tokenizer_info
         self._compiler = None
         self._lock = threading.Lock()
+        self._bitmask = None  # reused step after step (bitmask()): the engine thread's alone
 
     def _get_compiler(self) -> Any:
         with self._lock:  # first use: the vocabulary is read once, by one thread
             if self._compiler is None:
-                info = self.xgr.TokenizerInfo.from_huggingface(
-                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._eos)
+                info = self._info
+                if info is None:
+                    info = self.xgr.TokenizerInfo.from_huggingface(
+                        self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._eos)
                 # Our pool gives the parallelism: one thread per compile.
                 self._compiler = self.xgr.GrammarCompiler(info, max_threads=1,
                                                           cache_enabled=False)
@@ -80,8 +87,21 @@ class XGrammarBackend:
     def allocate_bitmask(self, rows: int) -> Any:
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
 
+    def bitmask(self, rows: int) -> Any:
+        """A [rows, vocab/32] int32 bitmask for one step, the same memory every step (it
+        grows when a batch outgrows it): a fill writes its whole row, and only the rows
+        filled this step are applied, so what earlier steps left is never read. For the
+        engine's step thread only; on CUDA the rows go to the device through a copy
+        from pageable memory, which is staged before it returns, so the next step may
+        fill this memory again at once."""
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            self._bitmask = self.allocate_bitmask(rows)
+        return self._bitmask[:rows]
+
     def apply_bitmask(self, logits: Any, bitmask: Any, rows: list[int]) -> None:
-        """-inf on the logits of every token a row's mask disallows, for those rows only."""
+        """-inf on the logits of every token a row's mask disallows, for those rows only.
+        On CPU, XGrammar's kernel is the cheapest way we measured (docs/structured_output.md):
+        it skips the mask's all-ones words, and the torch ways unpack every bit."""
         if bitmask.device != logits.device:
             bitmask = bitmask.to(logits.device, non_blocking=True)
         self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
