@@ -9,7 +9,13 @@
 2. Throughput: the offline engine on the embedded model, --num-prompts requests at
    once, with 0%, 50% and 100% of them constrained by a JSON schema; every request
    runs exactly --max-tokens tokens (THROUGHPUT_SCHEMA), so only the sampling differs;
-   output tokens per second, --repeat rounds interleaved.
+   output tokens per second, --repeat rounds interleaved (each round in another order,
+   so a load change hits every setting), then the minimum and the median of each
+   setting's times and their ratio to the unconstrained one. Next to each run, the
+   time spent inside the constraint hook (structured.logits.constrain_logits: matcher
+   advance, mask fill, bitmask kernel) and its share of the run: the constraint's own
+   cost, which a shared machine's load does not blur as it blurs the run times (on a
+   GPU it is host time, which overlaps the forward running on the device).
 3. Compile time of each schema of tests/test_structured.py: cold (a fresh compiler)
    and cached (the same constraint again: a cache hit).
 
@@ -22,7 +28,11 @@ import argparse
 import importlib.util
 import os
 import platform
+import statistics
 import time
+from importlib.metadata import version
+
+import pagedserve  # noqa: F401 - before torch: it sets how OpenMP threads wait (passive)
 
 import torch
 
@@ -76,9 +86,10 @@ def step_overhead(engine, batch: int, steps: int, device: str) -> dict:
     outputs = [doc[: r % len(doc)] for r in range(batch)]
     plain = [SeqWork(r, [0], 0, [0], True, params, [1], [], 0) for r in range(batch)]
 
-    def constrained_works():
+    def constrained_works(every: int):
         return [SeqWork(r, [0], 0, [0], True, params, [1], outputs[r], len(outputs[r]),
-                        frozenset(), constraints[r]) for r in range(batch)]
+                        frozenset(), constraints[r] if r % every == 0 else None)
+                for r in range(batch)]
 
     sampler = Sampler(device, seed=0)
     logits = torch.randn(batch, vocab, device=device)
@@ -87,11 +98,12 @@ def step_overhead(engine, batch: int, steps: int, device: str) -> dict:
     # other jobs. The constraint's work is timed on its own (constrain_logits: mask
     # fills, bitmask kernel, matcher advance), as a difference of two sampler steps
     # would drown in that noise.
-    t_plain = t_cons = float("inf")
+    t_plain = t_cons = t_half = float("inf")
     for _ in range(steps):
         t_plain = min(t_plain, best_of(lambda: sampler.sample(logits.clone(), plain).results(), 1))
-        works = constrained_works()
-        x = logits.clone()
+        works, x = constrained_works(2), logits.clone()  # every other row (50%)
+        t_half = min(t_half, best_of(lambda: constrain_logits(x, None, works), 1))
+        works, x = constrained_works(1), logits.clone()  # every row
         t_cons = min(t_cons, best_of(lambda: constrain_logits(x, None, works), 1))
         for r in range(batch):  # the documents' next tokens (what a model would sample)
             nxt = len(outputs[r])
@@ -100,7 +112,31 @@ def step_overhead(engine, batch: int, steps: int, device: str) -> dict:
                 constraints[r] = RequestConstraint(backend, compiled)
             else:
                 outputs[r] = doc[: nxt + 1]
-    return {"batch": batch, "plain_ms": 1e3 * t_plain, "added_ms": 1e3 * t_cons}
+    return {"batch": batch, "plain_ms": 1e3 * t_plain, "added_ms": 1e3 * t_cons,
+            "half_ms": 1e3 * t_half}
+
+
+class HookTimer:
+    """Sums the time spent in the sampler's constraint hook while installed."""
+
+    def __init__(self):
+        from pagedserve.runner import sampler
+
+        self.module, self.hook, self.seconds = sampler, sampler.constrain_logits, 0.0
+
+    def __enter__(self):
+        def timed(*args):
+            t = time.perf_counter()
+            try:
+                return self.hook(*args)
+            finally:
+                self.seconds += time.perf_counter() - t
+
+        self.module.constrain_logits = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.module.constrain_logits = self.hook
 
 
 def throughput(llm, num_prompts: int, share: float, max_tokens: int) -> dict:
@@ -114,14 +150,41 @@ def throughput(llm, num_prompts: int, share: float, max_tokens: int) -> dict:
               for i in range(num_prompts)]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # compile cached, warm
     steps = llm.engine.stats().num_steps
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
+    load = os.getloadavg()[0]
+    with HookTimer() as hook:
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == num_prompts * max_tokens, "every request runs to max_tokens"
     assert all(o.outputs[0].text.startswith('"') for o in outs[:constrained])
     return {"constrained_pct": round(100 * share), "tokens_per_s": tokens / elapsed,
-            "seconds": elapsed, "steps": llm.engine.stats().num_steps - steps}
+            "seconds": elapsed, "steps": llm.engine.stats().num_steps - steps,
+            "hook_ms": hook.seconds * 1e3, "load": load}
+
+
+def throughput_rounds(llm, num_prompts: int, max_tokens: int, repeat: int) -> None:
+    shares = (0.0, 0.5, 1.0)
+    print("round  constrained%  tokens/s  steps  seconds  hook_ms  hook_%  load1")
+    runs: dict[int, list[dict]] = {}
+    for rep in range(repeat):
+        # Interleaved, each round starting one setting later, so neither a load change
+        # nor a place in the round favours a setting.
+        for share in shares[rep % 3:] + shares[:rep % 3]:
+            r = throughput(llm, num_prompts, share, max_tokens)
+            runs.setdefault(r["constrained_pct"], []).append(r)
+            print(f"{rep:>5}  {r['constrained_pct']:>12}  {r['tokens_per_s']:>8.1f}  "
+                  f"{r['steps']:>5}  {r['seconds']:>7.2f}  {r['hook_ms']:>7.1f}  "
+                  f"{100 * r['hook_ms'] / 1e3 / r['seconds']:>6.2f}  {r['load']:>5.1f}",
+                  flush=True)
+    print("\nconstrained%  min_s  median_s  min/min0  median/median0  hook_%_median")
+    base = [r["seconds"] for r in runs[0]]
+    for pct, rs in runs.items():
+        secs = [r["seconds"] for r in rs]
+        hook = statistics.median(100 * r["hook_ms"] / 1e3 / r["seconds"] for r in rs)
+        print(f"{pct:>12}  {min(secs):>5.2f}  {statistics.median(secs):>8.2f}  "
+              f"{min(secs) / min(base):>8.3f}  "
+              f"{statistics.median(secs) / statistics.median(base):>14.3f}  {hook:>13.2f}")
 
 
 def compile_times(engine) -> list[dict]:
@@ -144,6 +207,14 @@ def compile_times(engine) -> list[dict]:
     return out
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown cpu"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -158,24 +229,23 @@ def main() -> None:
 
     llm = LLM(device=args.device, max_num_seqs=max(args.num_prompts, 1))
     engine = llm.engine
-    print(f"# {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {args.device}, vocab {engine.vocab_size}")
+    print(f"# {platform.machine()} ({cpu_model()}), {os.cpu_count()} cpus, torch "
+          f"{torch.__version__}, xgrammar {version('xgrammar')}, threads "
+          f"{torch.get_num_threads()}, device {args.device}, vocab {engine.vocab_size}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     if "step" not in args.skip:
-        print("\n## sampler step (no constraint) and what constraining every row adds to it")
-        print("batch  sampler_ms  constraint_ms  added_%")
+        print("\n## sampler step (no constraint) and what constraining half the rows, and "
+              "every row, adds to it")
+        print("batch  sampler_ms  half_ms  half_%  all_ms  all_%")
         for b in args.batch:
             r = step_overhead(engine, b, args.steps, args.device)
-            print(f"{b:>5}  {r['plain_ms']:>10.2f}  {r['added_ms']:>13.2f}  "
-                  f"{100 * r['added_ms'] / r['plain_ms']:>7.1f}", flush=True)
+            print(f"{b:>5}  {r['plain_ms']:>10.2f}  {r['half_ms']:>7.2f}  "
+                  f"{100 * r['half_ms'] / r['plain_ms']:>6.1f}  {r['added_ms']:>6.2f}  "
+                  f"{100 * r['added_ms'] / r['plain_ms']:>5.1f}", flush=True)
     if "throughput" not in args.skip:
         print(f"\n## offline engine, {args.num_prompts} requests at once, max_tokens "
               f"{args.max_tokens}, temperature 0.8")
-        print("constrained%  tokens/s  steps  seconds")
-        for rep in range(args.repeat):  # interleaved, so a load change hits every setting
-            for share in (0.0, 0.5, 1.0):
-                r = throughput(llm, args.num_prompts, share, args.max_tokens)
-                print(f"{r['constrained_pct']:>12}  {r['tokens_per_s']:>8.1f}  "
-                      f"{r['steps']:>5}  {r['seconds']:>7.2f}", flush=True)
+        throughput_rounds(llm, args.num_prompts, args.max_tokens, args.repeat)
     if "compile" not in args.skip:
         print("\n## compile time (one thread)")
         print("schema     cold_ms  cached_us")
