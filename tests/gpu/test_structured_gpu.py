@@ -62,6 +62,8 @@ def test_constraint_hook_on_cuda_matches_cpu_across_steps():
                           if name else None) for i, (name, output) in enumerate(rows)]
             out[dev] = constrain_logits(raw.to(dev), None, works).cpu()
         assert torch.equal(out["cuda"], out["cpu"])
+        # CUDA logits: the reused bitmask is page-locked, copied by DMA behind the forward.
+        assert backends["cuda"].bitmask(len(rows), pinned=True).is_pinned()
         for i, (name, _) in enumerate(rows):
             if name in (None, "anything"):
                 assert torch.equal(out["cuda"][i], raw[i])

@@ -43,7 +43,10 @@ class XGrammarBackend:
         self._info = tokenizer_info
         self._compiler = None
         self._lock = threading.Lock()
-        self._bitmask = None  # reused step after step (bitmask()): the engine thread's alone
+        # One bitmask reused step after step (bitmask()), the engine thread's alone.
+        self._bitmask = None
+        self._pinned = False
+        self._copied = None  # CUDA event: the last copy from a pinned bitmask has run
 
     def _get_compiler(self) -> Any:
         with self._lock:  # first use: the vocabulary is read once, by one thread
@@ -87,23 +90,36 @@ class XGrammarBackend:
     def allocate_bitmask(self, rows: int) -> Any:
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
 
-    def bitmask(self, rows: int) -> Any:
+    def bitmask(self, rows: int, pinned: bool = False) -> Any:
         """A [rows, vocab/32] int32 bitmask for one step, the same memory every step (it
         grows when a batch outgrows it): a fill writes its whole row, and only the rows
-        filled this step are applied, so what earlier steps left is never read. For the
-        engine's step thread only; on CUDA the rows go to the device through a copy
-        from pageable memory, which is staged before it returns, so the next step may
-        fill this memory again at once."""
-        if self._bitmask is None or self._bitmask.shape[0] < rows:
-            self._bitmask = self.allocate_bitmask(rows)
+        filled this step are applied, so what earlier steps left is never read.
+        `pinned` (logits on CUDA): page-locked, so the copy to the device is a DMA queued
+        behind the forward that leaves the host free; the memory is handed out again
+        only once the last such copy from it has run. For the engine's step thread only."""
+        if self._copied is not None:
+            self._copied.synchronize()  # done long ago in practice: the step's results came
+            self._copied = None
+        if self._bitmask is None or self._bitmask.shape[0] < rows or self._pinned != pinned:
+            import torch
+
+            words = (self.vocab_size + 31) // 32
+            self._bitmask = torch.full((rows, words), -1, dtype=torch.int32, pin_memory=pinned)
+            self._pinned = pinned
         return self._bitmask[:rows]
 
     def apply_bitmask(self, logits: Any, bitmask: Any, rows: list[int]) -> None:
         """-inf on the logits of every token a row's mask disallows, for those rows only.
         On CPU, XGrammar's kernel is the cheapest way we measured (docs/structured_output.md):
-        it skips the mask's all-ones words, and the torch ways unpack every bit."""
+        it skips the mask's all-ones words, where the torch ways unpack every bit."""
         if bitmask.device != logits.device:
+            pinned = bitmask.is_pinned()
             bitmask = bitmask.to(logits.device, non_blocking=True)
+            if pinned:  # bitmask() waits for this copy before handing the memory out again
+                import torch
+
+                self._copied = torch.cuda.Event()
+                self._copied.record()
         self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
                                              indices=rows)
 

@@ -66,7 +66,7 @@ def constrain_logits(logits: Any, raw: Any, works: list) -> Any:
     if not rows:
         return logits
     backend = works[rows[0]].constraint.backend
-    bitmask = backend.bitmask(len(works))
+    bitmask = backend.bitmask(len(works), pinned=logits.is_cuda)
     masked = [i for i in rows
               if works[i].constraint.fill(works[i].seq_id, works[i].output_token_ids, bitmask, i)]
     if not masked:
