@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pagedserve.engine.batch import SeqWork
+from pagedserve.engine.sampler import Sampler
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured.backend import XGrammarBackend
 from pagedserve.structured.logits import RequestConstraint, constrain_logits
@@ -47,9 +48,10 @@ def tokens(text: str) -> list[int]:
     return [VOCAB.index(text[i:i + 2]) for i in range(0, len(text), 2)]
 
 
-def work(seq_id: int, output: list[int], constraint=None, logprobs=None) -> SeqWork:
-    params = SamplingParams(temperature=0.8, logprobs=logprobs)
-    return SeqWork(seq_id, [0], 0, [], True, params, [1], output, len(output),
+def work(seq_id: int, output: list[int], constraint=None, logprobs=None, prompt=(1,),
+         **params) -> SeqWork:
+    params = SamplingParams(**{"temperature": 0.8, "logprobs": logprobs, **params})
+    return SeqWork(seq_id, [0], 0, [], True, params, list(prompt), output, len(output),
                    frozenset({EOS}), constraint)
 
 
@@ -124,3 +126,36 @@ def test_a_token_the_matcher_refuses_leaves_only_the_stop_token(backend, compile
     constraint = RequestConstraint(backend, compiled["abc"])
     out = constrain_logits(torch.zeros(1, len(VOCAB)), None, [work(0, tokens("a1"), constraint)])
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
+
+
+def test_sampler_with_penalties_takes_the_best_token_the_grammar_allows(backend, compiled):
+    """Greedy rows mixing penalties, a constraint and top logprobs: each token is the
+    argmax of the float64 oracle (penalties, then the grammar's mask), its logprob that
+    of the raw logits."""
+    pen = dict(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5,
+               presence_penalty=0.2)
+    rows = [("abc", tokens("abca"), pen), (None, tokens("ab12"), pen),
+            ("schema", tokens('{"a": 1'), dict(temperature=0.0)), ("abc", [], pen)]
+    works = [work(i, out, RequestConstraint(backend, compiled[name]) if name else None,
+                  logprobs=3 if i == 2 else None, prompt=tokens("bc") + [1], **p)
+             for i, (name, out, p) in enumerate(rows)]
+    raw = torch.randn(len(rows), len(VOCAB), generator=torch.Generator().manual_seed(1)) * 4
+    results = Sampler("cpu").sample(raw.clone(), works).results()
+    for i, (name, output, p) in enumerate(rows):
+        x = raw[i].double()
+        if "repetition_penalty" in p:
+            counts = torch.bincount(torch.tensor(output, dtype=torch.int64),
+                                    minlength=len(VOCAB)).double()
+            seen = counts > 0
+            seen[tokens("bc") + [1]] = True
+            rep = p["repetition_penalty"]
+            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+            x = x - p["frequency_penalty"] * counts - p["presence_penalty"] * (counts > 0).double()
+        if name is not None:
+            x = expected(x, allowed_after(compiled[name], output))
+        token = int(x.argmax())
+        assert results[i].token_id == token, (i, name)
+        assert results[i].logprob == pytest.approx(float(raw[i].double().log_softmax(-1)[token]),
+                                                   abs=1e-5)
+    top = results[2].top_logprobs  # from the raw logits: the mask does not touch them
+    assert set(top) >= set(raw[2].topk(3).indices.tolist())
