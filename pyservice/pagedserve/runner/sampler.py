@@ -10,8 +10,9 @@ probability), and an exponential race, argmax(p / E) with E ~ Exp(1), which draw
 The noise of a row with a seed comes from a generator seeded by (seed, sample_index)
 alone, so its tokens do not depend on what else is batched, or on preemption.
 Logprobs are those of the raw model distribution, as vLLM reports them. A row with a
-structured-output constraint has every token its grammar forbids masked to -inf after
-the penalties and min_tokens (pagedserve.structured.logits); other rows are untouched.
+structured-output constraint has every token its grammar forbids masked to -inf
+(pagedserve.structured.logits; done before the penalties, with which it commutes);
+other rows are untouched.
 
 Beam search rows sample nothing: they get their best next tokens by log-softmax, then
 the penalties and min_tokens masking (transformers' processed scores, which is what
@@ -87,10 +88,14 @@ class Sampler:
         waits for them. Meanwhile `tokens` can feed a step queued after this one."""
         raw = logits
         lse = torch.logsumexp(raw, dim=-1)
-        logits = self.apply_penalties(raw, works)
-        logits = self.mask_min_tokens(logits, works)
-        if any(w.constraint is not None for w in works):  # structured output's rows only
+        # Structured output's rows first: their masks are filled on the host while the
+        # device still runs the forward, before anything below waits for it (the
+        # penalties' and min_tokens' uploads do). Masking commutes with both (each
+        # keeps -inf at -inf), so the order changes no logit.
+        if any(w.constraint is not None for w in works):
             logits = constrain_logits(logits, raw, works)
+        logits = self.apply_penalties(logits, works)
+        logits = self.mask_min_tokens(logits, works)
         temps = [w.params.temperature for w in works]
         if all(t < _GREEDY_BELOW for t in temps):
             tokens = logits.argmax(dim=-1)
