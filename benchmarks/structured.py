@@ -1,17 +1,19 @@
 """What structured output costs: per sampler step, per engine run, per compile.
 
 1. Per-step overhead: the sampler's step (Sampler.sample, temperature 0.8) on random
-   logits [B, vocab] with no row constrained, and the work that constraining every row
-   by a JSON schema adds to it (each row's matcher somewhere inside a valid document:
-   matcher advance, mask fill, bitmask on the logits: structured.logits.constrain_logits),
-   minimum over the steps. B = 1, 32, 256 by default; `--device cuda` runs the same on a
-   GPU.
+   logits [B, vocab] with no row constrained, and the work that constraining half the
+   rows, or every row, by a JSON schema adds to it (each row's matcher somewhere inside
+   a valid document: matcher advance, mask fill, bitmask on the logits:
+   structured.logits.constrain_logits), minimum over the steps. B = 1, 32, 256 by
+   default; `--device cuda` runs the same on a GPU.
 2. Throughput: the offline engine on the embedded model, --num-prompts requests at
    once, with 0%, 50% and 100% of them constrained by a JSON schema; every request
    runs exactly --max-tokens tokens (THROUGHPUT_SCHEMA), so only the sampling differs;
    output tokens per second, --repeat rounds interleaved (each round in another order,
    so a load change hits every setting), then the minimum and the median of each
-   setting's times and their ratio to the unconstrained one. Next to each run, the
+   setting's times and their ratio to the unconstrained one, and the same for the
+   process's CPU time (all threads), which a busy machine inflates less than the wall
+   time as it counts only the time the run had a core. Next to each run, the
    time spent inside the constraint hook (structured.logits.constrain_logits: matcher
    advance, mask fill, bitmask kernel) and its share of the run: the constraint's own
    cost, which a shared machine's load does not blur as it blurs the run times (on a
@@ -81,14 +83,17 @@ def step_overhead(engine, batch: int, steps: int, device: str) -> dict:
     compiled = backend.compile(constraint_of(params))
     doc = engine.tokenizer(DOC, add_special_tokens=False)["input_ids"]
     vocab = engine.vocab_size
-    constraints = [RequestConstraint(backend, compiled) for _ in range(batch)]
+    # Half the rows (the even ones) and every row, each with matchers of its own, so
+    # both timings include advancing them by the step's token.
+    constraints = {2: [RequestConstraint(backend, compiled) for _ in range(batch)],
+                   1: [RequestConstraint(backend, compiled) for _ in range(batch)]}
     # Each row at its own place in the document (and back to its start at the end).
     outputs = [doc[: r % len(doc)] for r in range(batch)]
     plain = [SeqWork(r, [0], 0, [0], True, params, [1], [], 0) for r in range(batch)]
 
     def constrained_works(every: int):
         return [SeqWork(r, [0], 0, [0], True, params, [1], outputs[r], len(outputs[r]),
-                        frozenset(), constraints[r] if r % every == 0 else None)
+                        frozenset(), constraints[every][r] if r % every == 0 else None)
                 for r in range(batch)]
 
     sampler = Sampler(device, seed=0)
@@ -101,15 +106,16 @@ def step_overhead(engine, batch: int, steps: int, device: str) -> dict:
     t_plain = t_cons = t_half = float("inf")
     for _ in range(steps):
         t_plain = min(t_plain, best_of(lambda: sampler.sample(logits.clone(), plain).results(), 1))
-        works, x = constrained_works(2), logits.clone()  # every other row (50%)
+        works, x = constrained_works(2), logits.clone()
         t_half = min(t_half, best_of(lambda: constrain_logits(x, None, works), 1))
-        works, x = constrained_works(1), logits.clone()  # every row
+        works, x = constrained_works(1), logits.clone()
         t_cons = min(t_cons, best_of(lambda: constrain_logits(x, None, works), 1))
         for r in range(batch):  # the documents' next tokens (what a model would sample)
             nxt = len(outputs[r])
             if nxt == len(doc):
                 outputs[r] = []
-                constraints[r] = RequestConstraint(backend, compiled)
+                for every in constraints:
+                    constraints[every][r] = RequestConstraint(backend, compiled)
             else:
                 outputs[r] = doc[: nxt + 1]
     return {"batch": batch, "plain_ms": 1e3 * t_plain, "added_ms": 1e3 * t_cons,
@@ -152,20 +158,21 @@ def throughput(llm, num_prompts: int, share: float, max_tokens: int) -> dict:
     steps = llm.engine.stats().num_steps
     load = os.getloadavg()[0]
     with HookTimer() as hook:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == num_prompts * max_tokens, "every request runs to max_tokens"
     assert all(o.outputs[0].text.startswith('"') for o in outs[:constrained])
     return {"constrained_pct": round(100 * share), "tokens_per_s": tokens / elapsed,
-            "seconds": elapsed, "steps": llm.engine.stats().num_steps - steps,
+            "seconds": elapsed, "cpu_seconds": cpu,
+            "steps": llm.engine.stats().num_steps - steps,
             "hook_ms": hook.seconds * 1e3, "load": load}
 
 
 def throughput_rounds(llm, num_prompts: int, max_tokens: int, repeat: int) -> None:
     shares = (0.0, 0.5, 1.0)
-    print("round  constrained%  tokens/s  steps  seconds  hook_ms  hook_%  load1")
+    print("round  constrained%  tokens/s  steps  seconds  cpu_s  hook_ms  hook_%  load1")
     runs: dict[int, list[dict]] = {}
     for rep in range(repeat):
         # Interleaved, each round starting one setting later, so neither a load change
@@ -174,17 +181,22 @@ def throughput_rounds(llm, num_prompts: int, max_tokens: int, repeat: int) -> No
             r = throughput(llm, num_prompts, share, max_tokens)
             runs.setdefault(r["constrained_pct"], []).append(r)
             print(f"{rep:>5}  {r['constrained_pct']:>12}  {r['tokens_per_s']:>8.1f}  "
-                  f"{r['steps']:>5}  {r['seconds']:>7.2f}  {r['hook_ms']:>7.1f}  "
+                  f"{r['steps']:>5}  {r['seconds']:>7.2f}  {r['cpu_seconds']:>5.1f}  "
+                  f"{r['hook_ms']:>7.1f}  "
                   f"{100 * r['hook_ms'] / 1e3 / r['seconds']:>6.2f}  {r['load']:>5.1f}",
                   flush=True)
-    print("\nconstrained%  min_s  median_s  min/min0  median/median0  hook_%_median")
+    print("\nconstrained%  min_s  median_s  min/min0  median/median0  "
+          "median_cpu_s  cpu/cpu0  hook_%_median")
     base = [r["seconds"] for r in runs[0]]
-    for pct, rs in runs.items():
+    base_cpu = statistics.median(r["cpu_seconds"] for r in runs[0])
+    for pct, rs in sorted(runs.items()):
         secs = [r["seconds"] for r in rs]
+        cpu = statistics.median(r["cpu_seconds"] for r in rs)
         hook = statistics.median(100 * r["hook_ms"] / 1e3 / r["seconds"] for r in rs)
         print(f"{pct:>12}  {min(secs):>5.2f}  {statistics.median(secs):>8.2f}  "
               f"{min(secs) / min(base):>8.3f}  "
-              f"{statistics.median(secs) / statistics.median(base):>14.3f}  {hook:>13.2f}")
+              f"{statistics.median(secs) / statistics.median(base):>14.3f}  "
+              f"{cpu:>12.1f}  {cpu / base_cpu:>8.3f}  {hook:>13.2f}")
 
 
 def compile_times(engine) -> list[dict]:
