@@ -35,7 +35,6 @@ import time
 from importlib.metadata import version
 
 import pagedserve  # noqa: F401 - before torch: it sets how OpenMP threads wait (passive)
-
 import torch
 
 

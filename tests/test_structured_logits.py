@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pagedserve.engine.batch import SeqWork
-from pagedserve.engine.sampler import Sampler
+from pagedserve.runner.sampler import Sampler
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured.backend import XGrammarBackend
 from pagedserve.structured.logits import RequestConstraint, constrain_logits
