@@ -159,3 +159,27 @@ def test_sampler_with_penalties_takes_the_best_token_the_grammar_allows(backend,
                                                    abs=1e-5)
     top = results[2].top_logprobs  # from the raw logits: the mask does not touch them
     assert set(top) >= set(raw[2].topk(3).indices.tolist())
+
+
+def test_cpu_bitmask_on_dense_and_sparse_masks_matches_xgrammars_kernel():
+    """Rows that disallow most tokens are unpacked, the others go to XGrammar's kernel:
+    either way the logits are those of XGrammar's kernel on every row (the oracle)."""
+    vocab = 49152 + 7  # a vocabulary that ends inside a bitmask word
+    backend = XGrammarBackend(None, vocab, frozenset())
+    gen = torch.Generator().manual_seed(3)
+    bitmask = backend.allocate_bitmask(5)
+    words = bitmask.shape[1]
+    bitmask[0] = -1
+    bitmask[0, torch.randint(0, words, (40,), generator=gen)] = 0x7FF0FFFF  # allows most
+    bitmask[1] = 0
+    bitmask[1, torch.randint(0, words, (40,), generator=gen)] = 0x00F00001  # allows few
+    bitmask[2] = torch.randint(-2**31, 2**31 - 1, (words,), generator=gen, dtype=torch.int32)
+    bitmask[3] = 0  # allows nothing at all
+    rows = [0, 1, 2, 3]  # row 4 is unconstrained
+    assert backend._unpack_dense_rows(torch.zeros(5, vocab), bitmask, rows) == [0, 2]
+    logits = torch.randn(5, vocab, generator=gen)
+    ours, kernel = logits.clone(), logits.clone()
+    backend.apply_bitmask(ours, bitmask, rows)
+    xgr.apply_token_bitmask_inplace(kernel, bitmask, vocab_size=vocab, indices=rows)
+    assert torch.equal(ours, kernel)
+    assert torch.equal(ours[4], logits[4])

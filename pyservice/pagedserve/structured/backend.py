@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from typing import Any
 
@@ -25,6 +26,9 @@ from pagedserve.structured.spec import ConstraintSpec
 # XGrammar prefixes its messages with "[time] /path/file.cc:line: ".
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _MAX_REASON = 400
+# A CPU row is masked by unpacking its bits when more than 1/this of its 32-token words
+# disallow all 32 (apply_bitmask): about where the two ways cost the same.
+_DENSE_SHARE = 6
 
 
 class XGrammarBackend:
@@ -110,8 +114,14 @@ class XGrammarBackend:
 
     def apply_bitmask(self, logits: Any, bitmask: Any, rows: list[int]) -> None:
         """-inf on the logits of every token a row's mask disallows, for those rows only.
-        On CPU, XGrammar's kernel is the cheapest way we measured (docs/structured_output.md):
-        it skips the mask's all-ones words, where the torch ways unpack every bit."""
+
+        On CPU the cheapest way depends on the mask (docs/structured_output.md):
+        XGrammar's kernel costs per disallowed token, so it is the fastest by far on a
+        row that allows most of the vocabulary (inside a string), but several times
+        slower than unpacking every bit (numpy) and one masked_fill on a row that
+        allows few tokens (between a JSON document's keys and values). A row goes the
+        second way when more than 1/_DENSE_SHARE of its 32-token words are all
+        disallowed, a count over its bitmask words alone."""
         if bitmask.device != logits.device:
             pinned = bitmask.is_pinned()
             bitmask = bitmask.to(logits.device, non_blocking=True)
@@ -120,8 +130,29 @@ class XGrammarBackend:
 
                 self._copied = torch.cuda.Event()
                 self._copied.record()
+        elif logits.device.type == "cpu" and sys.byteorder == "little":
+            rows = self._unpack_dense_rows(logits, bitmask, rows)
+            if not rows:
+                return
         self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
                                              indices=rows)
+
+    def _unpack_dense_rows(self, logits: Any, bitmask: Any, rows: list[int]) -> list[int]:
+        """Masks the rows that disallow most tokens by unpacking their bits; returns the
+        others. Little-endian: token 32 w + i is bit i of word w, so bit i of byte b."""
+        import numpy as np
+        import torch
+
+        words = bitmask.numpy()[rows]
+        dense = (words == 0).sum(axis=1) * _DENSE_SHARE > words.shape[1]
+        if not dense.any():
+            return rows
+        vocab = self.vocab_size
+        allowed = np.unpackbits(words[dense].view(np.uint8), axis=1, bitorder="little")
+        allowed = torch.from_numpy(allowed[:, :vocab].view(bool))
+        for j, row in enumerate(r for r, d in zip(rows, dense) if d):
+            logits[row, :vocab].masked_fill_(~allowed[j], float("-inf"))
+        return [r for r, d in zip(rows, dense) if not d]
 
 
 def choice_grammar(choices: list[str]) -> str:
