@@ -54,14 +54,14 @@ def constrain_logits(logits: Any, raw: Any, works: list) -> Any:
     """`logits` with each constrained row masked to what its grammar allows next; the
     rows without a constraint are left as they are, and so is a constrained row whose
     grammar allows every token now. When `logits` is `raw` (the model's logits) it is
-    masked in place unless a constrained row asks for top logprobs, which are read from
+    masked in place unless a row it masks asks for top logprobs, which are read from
     `raw` after sampling: the sampled token's own logprob is unchanged by the mask (it
     is allowed), and a copy of [rows, vocab] is not free.
 
     The per-step work is a few microseconds a constrained row for the fill (XGrammar
-    reads the mask from its compile-time cache) and the bitmask kernel on those rows
-    alone, into one bitmask reused step after step: nothing in Python grows with the
-    vocabulary (docs/structured_output.md has the figures)."""
+    reads the mask from its compile-time cache, into one bitmask reused step after
+    step) and the bitmask on those rows alone (backend.apply_bitmask); no Python loop
+    runs over the vocabulary (docs/structured_output.md has the figures)."""
     rows = [i for i, w in enumerate(works) if w.constraint is not None]
     if not rows:
         return logits
