@@ -54,7 +54,10 @@ class _Group:
     rows: torch.Tensor          # long [S * Hkv * nb]: rows of cache.view(N * Hkv, bs * D)
     num_blocks: int             # nb: the group's padded context is nb * block_size
     pad_rows: torch.Tensor      # long: token rows of the gathered [S*Hkv*L, D] past a context
+                                # (decode: only those of each context's last, partial block)
     mask: torch.Tensor          # bool [S, 1, 1, L] (decode) / [S, 1, max_q, L] (prefill): True = masked
+    # decode only: block rows of the gathered [S*Hkv*nb, bs*D] wholly past a context
+    pad_blocks: torch.Tensor | None = None
     # prefill only
     max_q: int = 0
     q_rows: torch.Tensor | None = None     # long [S * max_q]: query row of each padded row
@@ -128,6 +131,23 @@ def _pad_rows(lens: torch.Tensor, hkv: int, length: int) -> torch.Tensor:
     return torch.nonzero(bad).reshape(-1)
 
 
+def _decode_pad(lens: torch.Tensor, hkv: int, nb: int, block_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a decode group's gathered V to zero: whole blocks past each context (rows of
+    [S * Hkv * nb, bs * D]) and the unwritten slots of each context's last block (rows of
+    [S * Hkv * L, D]). Indexing whole blocks keeps the index short: index_fill_ costs
+    about as much per index as per byte at these sizes."""
+    s = lens.numel()
+    used = (lens + block_size - 1) // block_size                          # [S] blocks in use
+    past = torch.arange(nb)[None, :] >= used[:, None]                    # [S, nb]
+    blocks = torch.nonzero(past[:, None, :].expand(s, hkv, nb).reshape(-1)).reshape(-1)
+    length = nb * block_size
+    tok = torch.arange(length)[None, :]
+    tail = (tok >= lens[:, None]) & (tok < (used * block_size)[:, None])  # [S, L]
+    tokens = torch.nonzero(tail[:, None, :].expand(s, hkv, length).reshape(-1)).reshape(-1)
+    return blocks, tokens
+
+
 def _split(group: torch.Tensor, per_seq_bytes: int) -> list[torch.Tensor]:
     """Cap a group's gathered bytes so the copy is read back from cache."""
     n = max(1, int(_GROUP_MAX_BYTES // max(per_seq_bytes, 1)))
@@ -137,11 +157,14 @@ def _split(group: torch.Tensor, per_seq_bytes: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(group, parts))
 
 
-def _gather(cache: torch.Tensor, g: _Group) -> torch.Tensor:
-    """[S * Hkv * L, D] copy of the group's K or V, zero past every context."""
+def _gather(cache: torch.Tensor, g: _Group, zero: bool = True) -> torch.Tensor:
+    """[S * Hkv * L, D] copy of the group's K or V; with `zero`, zero past every context."""
     n, hkv, bs, d = cache.shape
-    x = cache.view(n * hkv, bs * d).index_select(0, g.rows).view(-1, d)
-    if g.pad_rows.numel():
+    x = cache.view(n * hkv, bs * d).index_select(0, g.rows)
+    if zero and g.pad_blocks is not None and g.pad_blocks.numel():
+        x.index_fill_(0, g.pad_blocks, 0)  # whole blocks: one 2-4 KiB row per index
+    x = x.view(-1, d)
+    if zero and g.pad_rows.numel():
         x.index_fill_(0, g.pad_rows, 0)
     return x
 
@@ -163,9 +186,10 @@ def _decode_plan(block_tables, context_lens, num_blocks_pool, hkv, block_size, e
         for part in _split(seqs, nb * block_bytes):
             lens = ctx[part]
             length = nb * block_size
+            pad_blocks, pad_rows = _decode_pad(lens, hkv, nb, block_size)
             groups.append(_Group(
                 seqs=part, rows=_gather_rows(tables, part, nb, hkv, num_blocks_pool),
-                num_blocks=nb, pad_rows=_pad_rows(lens, hkv, length),
+                num_blocks=nb, pad_rows=pad_rows, pad_blocks=pad_blocks,
                 mask=(torch.arange(length)[None, :] >= lens[:, None])[:, None, None, :]))
     return groups
 
@@ -188,7 +212,9 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
         length = g.num_blocks * block_size
         q = query.index_select(0, g.seqs).to(key_cache.dtype)
         q.mul_(scale)
-        k = _gather(key_cache, g).view(s * hkv, length, d)
+        # K past a context is left as gathered: its scores are overwritten with -inf
+        # below. V there must be zero (probabilities are 0 there, but 0 * NaN is NaN).
+        k = _gather(key_cache, g, zero=False).view(s * hkv, length, d)
         v = _gather(value_cache, g).view(s * hkv, length, d)
         scores = torch.bmm(q.view(s * hkv, group, d), k.transpose(1, 2))
         scores.view(s, hkv, group, length).masked_fill_(g.mask, float("-inf"))
