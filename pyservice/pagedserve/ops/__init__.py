@@ -1,8 +1,9 @@
 """Paged-attention and KV-cache ops, dispatched by device.
 
 CPU tensors run ``cpu_attention.py`` (attention: length-grouped gathers and batched
-matmuls) and the torch reference (``reference.py``, also the float64 oracle of every
-test) for the cache ops; CUDA tensors run the
+matmuls), ``cpu_layer_ops.py`` (the element-wise layer ops, bitwise as the reference)
+and the torch reference (``reference.py``, also the float64 oracle of every test) for
+the cache ops; CUDA tensors run the
 kernels of cuda/ through the compiled ``pagedserve._cuda`` module or, when the
 package was built without nvcc, through CuPy/NVRTC (``loaders.py``).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_attention, reference, sliding_window
+from . import cpu_attention, cpu_layer_ops, reference, sliding_window
 from .loaders import available_loaders, get_loader, set_loader
 
 __all__ = [
@@ -115,14 +116,14 @@ def silu_and_mul(x):
     """silu(gate) * up for x = [num_tokens, 2 * intermediate] holding [gate | up]."""
     if x.is_cuda:
         return _cuda_layer().silu_and_mul(x)
-    return reference.silu_and_mul(x)
+    return cpu_layer_ops.silu_and_mul(x)
 
 
 def fused_add_rms_norm(x, residual, weight, eps: float):
     """residual += x in place; returns RMSNorm(residual) * weight. [num_tokens, hidden]."""
     if x.is_cuda:
         return _cuda_layer().fused_add_rms_norm(x, residual, weight, eps)
-    return reference.fused_add_rms_norm(x, residual, weight, eps)
+    return cpu_layer_ops.fused_add_rms_norm(x, residual, weight, eps)
 
 
 def rotary_embedding(x, positions, cos_table, sin_table) -> None:
@@ -130,7 +131,7 @@ def rotary_embedding(x, positions, cos_table, sin_table) -> None:
     cos/sin are float32 [max_positions, head_size] tables (sign folded into sin)."""
     if x.is_cuda:
         return _cuda_layer().rotary_embedding(x, positions, cos_table, sin_table)
-    return reference.rotary_embedding(x, positions, cos_table, sin_table)
+    return cpu_layer_ops.rotary_embedding(x, positions, cos_table, sin_table)
 
 
 def linear(x, weight, bias=None):
