@@ -272,3 +272,27 @@ def test_fast_prefill_rejects_context_shorter_than_new_tokens():
         ops.prefill_attention(q, kc, vc, torch.zeros(1, 2, dtype=torch.int32),
                               torch.tensor([0, 5], dtype=torch.int32),
                               torch.tensor([3], dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_write_kv_equals_reference_across_steps(dtype):
+    """The CPU write reuses a step's (block, offset) across layers: every call must still
+    write exactly what the reference writes, skipped (negative) slots included, and see a
+    mapping changed in place."""
+    gen = torch.Generator().manual_seed(12)
+    shape = (6, 2, 4, 8)
+    k = torch.randn(5, 3, 8, generator=gen, dtype=torch.float64)[:, :2].to(dtype)  # strided
+    v = torch.randn(5, 2, 8, generator=gen, dtype=torch.float64).to(dtype)
+    slots = torch.tensor([3, 9, 0, 23, 17], dtype=torch.int64)
+    for mapping in (slots, slots, torch.tensor([3, -1, 0, -1, 17]), slots):
+        kc, vc = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        kr, vr = kc.clone(), vc.clone()
+        reference.write_kv(k, v, kr, vr, mapping)
+        ops.write_kv(k, v, kc, vc, mapping)
+        assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    slots[0] = 4                                  # the same tensor, rewritten in place
+    kc, vc = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    kr, vr = kc.clone(), vc.clone()
+    reference.write_kv(k, v, kr, vr, slots)
+    ops.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)

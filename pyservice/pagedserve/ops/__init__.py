@@ -57,6 +57,8 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
 def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     if key_cache.is_cuda:
         return _cuda().write_kv(key, value, key_cache, value_cache, slot_mapping)
+    if key_cache.device.type == "cpu" and key.device.type == "cpu":
+        return cpu_attention.write_kv(key, value, key_cache, value_cache, slot_mapping)
     return reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
 
 

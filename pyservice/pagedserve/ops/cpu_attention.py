@@ -169,6 +169,31 @@ def _gather(cache: torch.Tensor, g: _Group, zero: bool = True) -> torch.Tensor:
     return x
 
 
+# ---------------------------------------------------------------- cache writes
+
+def _slot_plan(slot_mapping: torch.Tensor, block_size: int):
+    slots = slot_mapping.to(device="cpu", dtype=torch.long)
+    keep = slots >= 0
+    if bool(keep.all()):
+        return None, slots // block_size, slots % block_size
+    slots = slots[keep]
+    return keep, slots // block_size, slots % block_size
+
+
+def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """As reference.write_kv (token t's K/V to slot slot_mapping[t], negative slots
+    skipped), with the slots' (block, offset) computed once per step: every layer
+    writes the same slots."""
+    block_size = key_cache.shape[2]
+    keep, blk, off = _cached_plan("slots", (block_size,), (slot_mapping,),
+                                  lambda: _slot_plan(slot_mapping, block_size))
+    if keep is not None:
+        key, value = key[keep], value[keep]
+    # Advanced indices around a slice put the token dimension first: [n, Hkv, D].
+    key_cache[blk, :, off] = key.to(key_cache.dtype)
+    value_cache[blk, :, off] = value.to(value_cache.dtype)
+
+
 # ---------------------------------------------------------------- decode
 
 def _decode_plan(block_tables, context_lens, num_blocks_pool, hkv, block_size, elt_bytes, d):
