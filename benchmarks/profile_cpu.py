@@ -4,7 +4,10 @@ of the CPU throughput workload (benchmarks/cpu_vs_vllm.py), on the model runner.
   prefill  one step of 2048 prompt tokens (8 prompts of 256, nothing cached)
   decode   one decode step of 48 sequences at contexts of 64..300 tokens
 
-    python benchmarks/profile_cpu.py --model DIR --dtype bfloat16 [--rows 12]
+    python benchmarks/profile_cpu.py --model DIR --dtype bfloat16 [--rows 12] [--threads 1]
+
+On a shared machine `--threads 1` gives steadier shares: one thread is not slowed by
+waiting for a sibling that another process has descheduled.
 
 Prints a markdown table per step kind: op, self CPU ms per step, share of the step.
 """
@@ -65,7 +68,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before the engine: it never raises a smaller pool
     llm = LLM(args.model, device="cpu", dtype=args.dtype, num_kv_blocks=2048, swap_space_gb=0.1)
     runner = llm.engine.runner
     for kind, batch in _batches(runner).items():
