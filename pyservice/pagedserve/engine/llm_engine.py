@@ -9,10 +9,8 @@ and outputs (OutputProcessor).
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
-import weakref
 from typing import Any, Callable
 
 from pagedserve.config import EngineConfig
@@ -86,7 +84,6 @@ class LLMEngine:
             timeout_s=config.structured_compile_timeout_s)
         # A step scheduled ahead and queued on the device, not yet read back.
         self._inflight: tuple[Any, Any] | None = None
-        _freeze_startup_heap(self)
         log.info("engine ready: %s, %d KV blocks (+%d swap), max_model_len %d",
                  self.model_name, num_gpu_blocks, self.runner.num_cpu_blocks,
                  self.max_model_len)
@@ -262,20 +259,3 @@ class LLMEngine:
 
 def _has_work(batch: Any) -> bool:
     return bool(batch.work or batch.swap_out or batch.swap_in or batch.copies)
-
-
-def _freeze_startup_heap(engine: LLMEngine) -> None:
-    """Takes what is alive once the engine is up (imported modules, the model, the
-    tokenizer: a few hundred thousand objects) out of the cyclic garbage collector's
-    reach while the engine lives. Steps allocate enough for a full collection every
-    few hundred steps, and one that walks all those objects stalls the step for
-    0.1-0.2 s while the GPU idles; none of them become garbage while the engine runs.
-
-    Garbage is collected first, so no cycle is frozen; frozen objects are still freed
-    by reference counting. When the engine goes, they are handed back to the collector
-    (unless something else had frozen objects first: its freeze is left alone)."""
-    owns_freeze = gc.get_freeze_count() == 0
-    gc.collect()
-    gc.freeze()
-    if owns_freeze:
-        weakref.finalize(engine, gc.unfreeze)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -121,9 +122,25 @@ def run_serve(args: argparse.Namespace) -> int:
     def make_engine():
         from pagedserve.engine.llm_engine import LLMEngine
 
-        return LLMEngine(engine_config)
+        engine = LLMEngine(engine_config)
+        freeze_startup_heap()
+        return engine
 
     return asyncio.run(serve(config, make_engine))
+
+
+def freeze_startup_heap() -> None:
+    """Takes what is alive once the serving engine is up (imported modules, the model,
+    the tokenizer: a few hundred thousand objects) out of the cyclic garbage
+    collector's reach for the life of the process. Steps allocate enough for a full
+    collection every few hundred steps, and one that walks all those objects stalls the
+    step for 0.1-0.2 s while the GPU idles; none of them become garbage while the
+    server runs. Only the serving process does this: it keeps its one engine until it
+    exits, whereas a frozen engine in a library user's process could never be
+    collected (frozen cycles are not). Garbage is collected first, so no cycle is
+    frozen; frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
