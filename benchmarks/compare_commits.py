@@ -30,7 +30,7 @@ from pagedserve import LLM, SamplingParams
 args = json.loads(sys.argv[1])
 llm = LLM(dtype=args["dtype"], device="cpu", max_num_seqs=256)
 from harness import random_requests
-work = random_requests(args["num"], llm.vocab_size, args["seed"], *args["mix"])
+work = random_requests(args["num"], llm.engine.vocab_size, args["seed"], *args["mix"])
 prompts = [ids for ids, _ in work]  # token-id prompts
 params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in work]
 llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm
