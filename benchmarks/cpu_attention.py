@@ -1,4 +1,5 @@
-"""CPU paged attention: the torch reference against the fast CPU path (ops.cpu_attention).
+"""CPU paged attention: the torch reference against the fast CPU paths (decode: the
+compiled kernel, ops.cpu_kernels; prefill: ops.cpu_attention).
 
 Shapes of the SmolLM2-135M CPU workload (30 layers, 9 query / 3 KV heads, head 64,
 block 16), fp32 and bf16:
@@ -27,6 +28,7 @@ import time
 import torch
 
 from harness import environment, write_json
+from pagedserve import ops
 from pagedserve.ops import cpu_attention, reference
 
 LAYERS, HEADS, KV_HEADS, HEAD, BLOCK = 30, 9, 3, 64, 16
@@ -94,12 +96,12 @@ def bench_decode(dtype, args) -> dict:
     scale = HEAD ** -0.5
     want = reference.decode_attention(q.double(), pools[0][0].double(), pools[0][1].double(),
                                       tables, ctx, scale)
-    got = cpu_attention.decode_attention(q, *pools[0], tables, ctx, scale)
+    got = ops.decode_attention(q, *pools[0], tables, ctx, scale)
     kv_bytes = 2 * sum(lens) * KV_HEADS * HEAD * pools[0][0].element_size()
     return {
         "reference_s": time_cold(lambda kc, vc: reference.decode_attention(q, kc, vc, tables, ctx, scale),
                                  pools, max(1, args.rounds // 2)),
-        "fast_s": time_cold(lambda kc, vc: cpu_attention.decode_attention(q, kc, vc, tables, ctx, scale),
+        "fast_s": time_cold(lambda kc, vc: ops.decode_attention(q, kc, vc, tables, ctx, scale),
                             pools, args.rounds),
         "floor_s": kv_bytes / read_bandwidth(pools, args.rounds),
         "kv_bytes": kv_bytes,
@@ -132,7 +134,7 @@ def bench_prefill(dtype, args) -> dict:
 def bench_step(dtype, args) -> dict:
     """One decode step of 64 sequences through the real model runner, with the reference
     attention and with the fast path."""
-    from pagedserve import LLM, SamplingParams, ops
+    from pagedserve import LLM, SamplingParams
     from pagedserve.engine.batch import ScheduledBatch, SeqWork
 
     lens = decode_lens(args.seed)
@@ -159,8 +161,8 @@ def bench_step(dtype, args) -> dict:
 
     fast = step_time()
     saved = ops.decode_attention
-    ops.decode_attention = lambda q, kc, vc, bt, ctx, scale, out=None: reference.decode_attention(
-        q, kc, vc, bt, ctx, scale)
+    ops.decode_attention = lambda q, kc, vc, bt, ctx, scale, out=None, window=None: (
+        reference.decode_attention(q, kc, vc, bt, ctx, scale, window=window))
     try:
         ref = step_time()
     finally:

@@ -1,7 +1,7 @@
-"""The torch reference of pagedserve.ops and the fast CPU path (ops.cpu_attention, what
-`ops` runs for CPU tensors) against plain per-sequence float64 attention written
-independently here (loops, explicit softmax), and the fast path in fp32/bf16 against the
-float64 reference."""
+"""The torch reference of pagedserve.ops and the fast CPU paths (what `ops` runs for CPU
+tensors: the compiled decode kernel, ops.cpu_attention's prefill) against plain
+per-sequence float64 attention written independently here (loops, explicit softmax),
+and the fast paths in fp32/bf16 against the float64 reference."""
 
 import math
 
@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from pagedserve import ops
-from pagedserve.ops import cpu_attention, reference
+from pagedserve.ops import cpu_attention, cpu_kernels, reference
 
 IMPLS = pytest.mark.parametrize("impl", [reference, cpu_attention], ids=["reference", "cpu"])
+
+
+class Float32Kernel:
+    """The compiled decode kernel (float32 only) behind the float64 signature the tests use."""
+
+    @staticmethod
+    def decode_attention(q, kc, vc, bt, ctx, scale):
+        return cpu_kernels.decode_attention(q.float(), kc.float(), vc.float(), bt, ctx, scale).double()
 
 
 def dense_attention(q, k, v, scale, causal_offset=None):
@@ -58,10 +66,11 @@ def make_paged(lens, block_size, hkv, d, num_blocks=None, gen=None, share=True):
     return kc, vc, bt, dense
 
 
-@IMPLS
+@pytest.mark.parametrize("impl,tol", [(reference, 1e-12), (Float32Kernel, 1e-5)],
+                         ids=["reference", "kernel"])
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)])
-def test_decode_matches_dense(block_size, heads, impl):
+def test_decode_matches_dense(block_size, heads, impl, tol):
     gen = torch.Generator().manual_seed(1)
     H, hkv = heads
     d = 16
@@ -72,7 +81,7 @@ def test_decode_matches_dense(block_size, heads, impl):
     out = impl.decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale)
     for s, (k, v) in enumerate(dense):
         want = dense_attention(q[s:s + 1], k, v, scale)
-        torch.testing.assert_close(out[s:s + 1], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[s:s + 1], want, rtol=tol, atol=tol)
 
 
 def test_decode_low_precision_close():
@@ -168,17 +177,16 @@ DECODE_LENS = [1, 15, 16, 17, 40, 63, 64, 65, 100, 131, 180, 181, 200, 257, 300,
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("split", [False, True])
-def test_fast_decode_close_to_float64(dtype, tol, split, monkeypatch):
-    if split:  # tiny groups: every sequence its own gather, results must not change
-        monkeypatch.setattr(cpu_attention, "_GROUP_MAX_BYTES", 1)
+@pytest.mark.parametrize("window", [None, 37])
+def test_fast_decode_close_to_float64(dtype, tol, window):
     gen = torch.Generator().manual_seed(5)
     kc, vc, bt, _ = make_paged(DECODE_LENS, 16, 3, 64, gen=gen)
     ctx = torch.tensor(DECODE_LENS, dtype=torch.int32)
     q = torch.randn(len(DECODE_LENS), 9, 64, dtype=torch.float64, generator=gen).to(dtype)
     kc, vc = kc.to(dtype), vc.to(dtype)
-    want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 0.125)
-    got = ops.decode_attention(q, kc, vc, bt, ctx, 0.125)
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), bt, ctx, 0.125,
+                                      window=window)
+    got = ops.decode_attention(q, kc, vc, bt, ctx, 0.125, window=window)
     assert got.dtype == dtype and got.shape == q.shape
     assert rel_err(got, want) < tol
     for s in range(len(DECODE_LENS)):  # no sequence is off, however small its share of the norm
@@ -232,37 +240,39 @@ def test_fast_path_ignores_poisoned_slots(dtype):
     assert torch.equal(ops.prefill_attention(qp, kc, vc, bt, qsl, ctx, 0.2), clean_pre)
 
 
-def test_fast_path_plan_follows_changed_inputs():
-    """The grouping plan is reused across layers while tables/lengths are equal: a
-    table or length changed in place must be seen."""
+def test_fast_path_follows_changed_inputs():
+    """Layers of a step share tables and lengths: a table or length changed in place
+    between calls must be seen."""
     gen = torch.Generator().manual_seed(8)
     kc, vc, bt, _ = make_paged([40, 40], 16, 1, 16, gen=gen, share=False)
-    q = torch.randn(2, 2, 16, dtype=torch.float64, generator=gen)
+    kc, vc = kc.float(), vc.float()
+    q = torch.randn(2, 2, 16, generator=gen)
     ctx = torch.tensor([40, 40], dtype=torch.int32)
     first = ops.decode_attention(q, kc, vc, bt, ctx, 0.5)
     ctx[1] = 17
     got = ops.decode_attention(q, kc, vc, bt, ctx, 0.5)
     torch.testing.assert_close(got, reference.decode_attention(q, kc, vc, bt, ctx, 0.5),
-                               rtol=1e-12, atol=1e-12)
+                               rtol=1e-5, atol=1e-6)
     assert torch.equal(got[0], first[0]) and not torch.equal(got[1], first[1])
     bt[0, :3] = bt[1, :3].clone()
     torch.testing.assert_close(ops.decode_attention(q, kc, vc, bt, ctx, 0.5),
                                reference.decode_attention(q, kc, vc, bt, ctx, 0.5),
-                               rtol=1e-12, atol=1e-12)
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_fast_path_out_strided_query_and_empty_contexts():
     gen = torch.Generator().manual_seed(9)
     kc, vc, bt, _ = make_paged([9, 30, 4], 8, 2, 16, gen=gen)
+    kc, vc = kc.float(), vc.float()
     ctx = torch.tensor([9, 0, 4], dtype=torch.int32)   # an empty context attends to nothing
-    fused = torch.randn(3, 6, 16, dtype=torch.float64, generator=gen)
+    fused = torch.randn(3, 6, 16, generator=gen)
     q = fused[:, :4]                                    # row-strided, as the model passes it
-    out = torch.full((3, 4, 16), float("nan"), dtype=torch.float64)
+    out = torch.full((3, 4, 16), float("nan"))
     got = ops.decode_attention(q, kc, vc, bt, ctx, 0.3, out=out)
     assert got is out
     want = reference.decode_attention(q, kc, vc, bt, ctx, 0.3)
-    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    assert torch.equal(out[1], torch.zeros(4, 16, dtype=torch.float64))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[1], torch.zeros(4, 16))
 
 
 def test_fast_prefill_rejects_context_shorter_than_new_tokens():

@@ -1,7 +1,8 @@
 """Paged-attention and KV-cache ops, dispatched by device.
 
-CPU tensors run ``cpu_attention.py`` (attention: length-grouped gathers and batched
-matmuls), ``cpu_layer_ops.py`` (the element-wise layer ops, bitwise as the reference)
+CPU tensors run the compiled decode kernel (``cpu_kernels.py``: float32 and bfloat16,
+reading the pool in place), ``cpu_attention.py`` (prefill: length-grouped gathers and
+SDPA or batched matmuls), ``cpu_layer_ops.py`` (the element-wise layer ops, bitwise as the reference)
 and the torch reference (``reference.py``, also the float64 oracle of every test) for
 the cache ops; CUDA tensors run the
 kernels of cuda/ through the compiled ``pagedserve._cuda`` module or, when the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_attention, cpu_layer_ops, reference, sliding_window
+from . import cpu_attention, cpu_kernels, cpu_layer_ops, reference, sliding_window
 from .loaders import available_loaders, get_loader, set_loader
 
 __all__ = [
@@ -66,14 +67,19 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
                      out=None, window: int | None = None):
     """out: optional contiguous tensor shaped like query to write into (returned).
     window: a sliding window (keys less than `window` positions back), any device."""
+    if query.device.type == "cpu" and cpu_kernels.supports(query, key_cache):
+        return cpu_kernels.decode_attention(query, key_cache, value_cache, block_tables,
+                                            context_lens, scale, out=out, window=window)
     if window is not None:
         return sliding_window.decode_attention(query, key_cache, value_cache, block_tables,
                                                context_lens, scale, window, out=out)
     if query.is_cuda:
         return _cuda().decode_attention(query, key_cache, value_cache, block_tables, context_lens,
                                         scale, out)
-    return cpu_attention.decode_attention(query, key_cache, value_cache, block_tables,
-                                          context_lens, scale, out=out)
+    # CPU dtypes the kernel does not take (float16, float64): the reference.
+    got = reference.decode_attention(query, key_cache, value_cache, block_tables, context_lens,
+                                     scale)
+    return got if out is None else out.copy_(got)
 
 
 def prefill_attention(query, key_cache, value_cache, block_tables, query_start_loc, context_lens,

@@ -1,28 +1,22 @@
-"""Fast paged attention for CPU tensors (the engine's CPU path).
+"""Paged prefill attention and KV writes for CPU tensors (the engine's CPU path;
+decode attention is the compiled kernel of ``cpu_kernels.py``).
 
 ``reference.py`` stays the float64 oracle; this module computes the same thing with
-less memory traffic, which is what bounds attention on a CPU:
+less memory traffic:
 
-- Decode reads every K/V element of every context once and does 2 FLOPs per element
-  per query head of its group (6 for SmolLM2), so its floor is the KV bytes over
-  memory bandwidth. The
-  reference gathers each sequence's blocks padded to the longest context, masks and
-  converts a copy, then einsums it: several full passes over (padded) K/V.
-- Here sequences are grouped by length (a small dynamic program over the sorted block
-  counts trades padding against per-group overhead) and every group is gathered with
-  one ``index_select`` of whole (block, KV head) rows in the dtype of the cache,
-  straight into the layout the batched matmuls want ([seq, kv head, token, dim]).
-  Groups are capped in bytes so that the gathered copy is still in cache when the
-  matmuls read it. GQA folds the query heads of a KV head into the rows of one matmul,
-  so K/V are never repeated.
-- Prefill groups run ``scaled_dot_product_attention`` (fused, fp32 accumulation in
-  bf16) with ``is_causal`` when no sequence of the group has a cached prefix, else with
-  a boolean mask aligned to each sequence's end.
+- Prefill sequences are grouped by length (a small dynamic program over the sorted
+  block counts trades padding against per-group overhead) and every group is gathered
+  with one ``index_select`` of whole (block, KV head) rows in the dtype of the cache,
+  straight into the layout attention wants ([seq, kv head, token, dim]). Groups are
+  capped in bytes so that the gathered copy is still in cache when it is read back.
+- A group runs ``scaled_dot_product_attention`` (fused, fp32 accumulation in bf16)
+  with ``is_causal`` when no sequence of the group has a cached prefix, else with a
+  boolean mask aligned to each sequence's end; small 16-bit groups run two batched
+  matmuls instead (``_prefill_matmul``). GQA folds the query heads of a KV head into
+  the rows of one matmul, so K/V are never repeated.
 
-Precision: fp32 in, fp32 math. bf16 decode takes the scores from a bf16 matmul (fp32
-accumulation, rounded once to bf16) and the softmax in fp32; the query is pre-scaled
-in its own dtype. Slots past a context are zeroed in the gathered copy (never in the
-pool), so stale or non-finite bytes of a reused block can never reach a result.
+Slots past a context are zeroed in the gathered copy (never in the pool), so stale or
+non-finite bytes of a reused block can never reach a result.
 
 The grouping plan depends only on the block tables and context lengths, which every
 layer of a step shares, so the last plan is kept and reused while they are equal.
@@ -35,10 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Cost model of a group, in bytes of KV gathered: a group costs its fixed overhead
-# (about ten torch calls) plus its padded KV bytes; tuned on the benchmark's decode
-# shape (benchmarks/cpu_attention.py), where the optimum is flat around these values.
-_GROUP_OVERHEAD_BYTES = 0.5e6
 # A group's gathered K+V stays under this, so the matmuls mostly read it from cache.
 _GROUP_MAX_BYTES = 16e6
 # Prefill: a group's fixed overhead, in FLOPs of attention it costs as much as.
@@ -54,12 +44,7 @@ class _Group:
     rows: torch.Tensor          # long [S * Hkv * nb]: rows of cache.view(N * Hkv, bs * D)
     num_blocks: int             # nb: the group's padded context is nb * block_size
     pad_rows: torch.Tensor      # long: token rows of the gathered [S*Hkv*L, D] past a context
-                                # (decode: only those of each context's last, partial block)
-    mask: torch.Tensor          # bool [S, 1, 1, L] (decode) / [S, 1, max_q, L] (prefill): True = masked
-    # decode only: block rows of the gathered [S*Hkv*nb, bs*D] wholly past a context
-    pad_blocks: torch.Tensor | None = None
-    order: torch.Tensor | None = None  # decode, first group: every group's seqs, in turn
-    # prefill only
+    mask: torch.Tensor          # bool [S, 1, max_q, L]: True = masked
     max_q: int = 0
     q_rows: torch.Tensor | None = None     # long [S * max_q]: query row of each padded row
     out_rows: torch.Tensor | None = None   # long: padded rows that hold real tokens
@@ -132,23 +117,6 @@ def _pad_rows(lens: torch.Tensor, hkv: int, length: int) -> torch.Tensor:
     return torch.nonzero(bad).reshape(-1)
 
 
-def _decode_pad(lens: torch.Tensor, hkv: int, nb: int, block_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of a decode group's gathered V to zero: whole blocks past each context (rows of
-    [S * Hkv * nb, bs * D]) and the unwritten slots of each context's last block (rows of
-    [S * Hkv * L, D]). Indexing whole blocks keeps the index short: index_fill_ costs
-    about as much per index as per byte at these sizes."""
-    s = lens.numel()
-    used = (lens + block_size - 1) // block_size                          # [S] blocks in use
-    past = torch.arange(nb)[None, :] >= used[:, None]                    # [S, nb]
-    blocks = torch.nonzero(past[:, None, :].expand(s, hkv, nb).reshape(-1)).reshape(-1)
-    length = nb * block_size
-    tok = torch.arange(length)[None, :]
-    tail = (tok >= lens[:, None]) & (tok < (used * block_size)[:, None])  # [S, L]
-    tokens = torch.nonzero(tail[:, None, :].expand(s, hkv, length).reshape(-1)).reshape(-1)
-    return blocks, tokens
-
-
 def _split(group: torch.Tensor, per_seq_bytes: int) -> list[torch.Tensor]:
     """Cap a group's gathered bytes so the copy is read back from cache."""
     n = max(1, int(_GROUP_MAX_BYTES // max(per_seq_bytes, 1)))
@@ -158,14 +126,12 @@ def _split(group: torch.Tensor, per_seq_bytes: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(group, parts))
 
 
-def _gather(cache: torch.Tensor, g: _Group, zero: bool = True) -> torch.Tensor:
-    """[S * Hkv * L, D] copy of the group's K or V; with `zero`, zero past every context."""
+def _gather(cache: torch.Tensor, g: _Group) -> torch.Tensor:
+    """[S * Hkv * L, D] copy of the group's K or V, zero past every context."""
     n, hkv, bs, d = cache.shape
     x = cache.view(n * hkv, bs * d).index_select(0, g.rows)
-    if zero and g.pad_blocks is not None and g.pad_blocks.numel():
-        x.index_fill_(0, g.pad_blocks, 0)  # whole blocks: one 2-4 KiB row per index
     x = x.view(-1, d)
-    if zero and g.pad_rows.numel():
+    if g.pad_rows.numel():
         x.index_fill_(0, g.pad_rows, 0)
     return x
 
@@ -193,76 +159,6 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     # Advanced indices around a slice put the token dimension first: [n, Hkv, D].
     key_cache[blk, :, off] = key.to(key_cache.dtype)
     value_cache[blk, :, off] = value.to(value_cache.dtype)
-
-
-# ---------------------------------------------------------------- decode
-
-def _decode_plan(block_tables, context_lens, num_blocks_pool, hkv, block_size, elt_bytes, d):
-    ctx = context_lens.to(device="cpu", dtype=torch.long)
-    tables = block_tables.to("cpu")
-    live = torch.nonzero(ctx > 0).reshape(-1)   # an empty context attends to nothing: zeros
-    if live.numel() == 0:
-        return []
-    block_bytes = 2 * hkv * block_size * d * elt_bytes
-    groups = []
-    for sub in _group_order(ctx[live], block_size,
-                            lambda count, nb: _GROUP_OVERHEAD_BYTES + count * nb * block_bytes):
-        seqs = live[sub]
-        nb = int((ctx[seqs].max() + block_size - 1) // block_size)
-        for part in _split(seqs, nb * block_bytes):
-            lens = ctx[part]
-            length = nb * block_size
-            pad_blocks, pad_rows = _decode_pad(lens, hkv, nb, block_size)
-            groups.append(_Group(
-                seqs=part, rows=_gather_rows(tables, part, nb, hkv, num_blocks_pool),
-                num_blocks=nb, pad_rows=pad_rows, pad_blocks=pad_blocks,
-                mask=(torch.arange(length)[None, :] >= lens[:, None])[:, None, None, :]))
-    return groups
-
-
-def _decode_order(plan: list[_Group]) -> torch.Tensor:
-    """The sequences of every group, group after group (cached on the first group)."""
-    first = plan[0]
-    if first.order is None:
-        first.order = torch.cat([g.seqs for g in plan])
-    return first.order
-
-
-def decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale: float,
-                     out=None):
-    num_seqs, num_heads, d = query.shape
-    num_blocks_pool, hkv, block_size, _ = key_cache.shape
-    group = num_heads // hkv
-    key = (num_blocks_pool, hkv, block_size, d, key_cache.element_size())
-    plan = _cached_plan("decode", key, (block_tables, context_lens), lambda: _decode_plan(
-        block_tables, context_lens, num_blocks_pool, hkv, block_size, key_cache.element_size(), d))
-    if out is None:
-        out = torch.empty(num_seqs, num_heads, d, dtype=query.dtype)
-    if not plan:
-        return out.zero_()
-    order = _decode_order(plan)
-    if order.numel() < num_seqs:
-        out.zero_()
-    # The queries of every group in one call, and the outputs in one buffer in group
-    # order put back in one call: two torch calls per layer instead of two per group.
-    qs = query.index_select(0, order).to(key_cache.dtype)
-    qs.mul_(scale)
-    outs = torch.empty(order.numel(), num_heads, d, dtype=key_cache.dtype)
-    a = 0
-    for g in plan:
-        s = g.seqs.numel()
-        length = g.num_blocks * block_size
-        # K past a context is left as gathered: its scores are overwritten with -inf
-        # below. V there must be zero (probabilities are 0 there, but 0 * NaN is NaN).
-        k = _gather(key_cache, g, zero=False).view(s * hkv, length, d)
-        v = _gather(value_cache, g).view(s * hkv, length, d)
-        scores = torch.bmm(qs[a:a + s].view(s * hkv, group, d), k.transpose(1, 2))
-        scores.view(s, hkv, group, length).masked_fill_(g.mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        torch.bmm(probs, v, out=outs[a:a + s].view(s * hkv, group, d))
-        a += s
-    out.index_copy_(0, order, outs.to(out.dtype))
-    return out
 
 
 # ---------------------------------------------------------------- prefill
