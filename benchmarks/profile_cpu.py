@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from pagedserve import LLM, SamplingParams  # first: it sets torch's OpenMP wait policy
+from pagedserve import LLM, SamplingParams
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402

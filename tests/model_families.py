@@ -23,29 +23,32 @@ def greedy_prompts() -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in lens]
 
 
-def tiny_config(kind: str, **overrides):
-    """`overrides`: config fields to change (e.g. num_key_value_heads)."""
-    cfg = _tiny_config(kind)
+def tiny_config(kind: str, head_dim: int = 16, **overrides):
+    """`overrides`: config fields to change (e.g. num_key_value_heads). `head_dim`: 16 on
+    CPU; the GPU tests take 64, a size the CUDA kernels are built for (the hidden size
+    is always 4 heads of it)."""
+    cfg = _tiny_config(kind, head_dim)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
 
 
-def _tiny_config(kind: str):
+def _tiny_config(kind: str, head_dim: int):
     import transformers as tf
 
+    common = dict(_COMMON, hidden_size=4 * head_dim)
     if kind == "qwen3":  # per-head q/k norms, tied embeddings
-        return tf.Qwen3Config(**_COMMON, head_dim=16, tie_word_embeddings=True)
+        return tf.Qwen3Config(**common, head_dim=head_dim, tie_word_embeddings=True)
     if kind == "qwen3_moe":  # layer 1 dense (mlp_only_layers), 8 experts, top-2 renormalised
-        return tf.Qwen3MoeConfig(**_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=8,
+        return tf.Qwen3MoeConfig(**common, head_dim=head_dim, moe_intermediate_size=32, num_experts=8,
                                  num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1])
     if kind == "mixtral":  # 4 experts, top-2, no window
-        return tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2,
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=None)
     if kind == "gemma3":  # local, local, global, local; a linearly scaled global RoPE
-        common = dict(_COMMON, num_hidden_layers=4)
+        common = dict(common, num_hidden_layers=4)
         return tf.Gemma3TextConfig(
-            **common, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+            **common, head_dim=head_dim, sliding_window=WINDOW, query_pre_attn_scalar=24,
             final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh",
             layer_types=["sliding_attention", "sliding_attention", "full_attention",
                          "sliding_attention"],
@@ -53,25 +56,25 @@ def _tiny_config(kind: str):
                              "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                 "rope_theta": 1000000.0}})
     if kind == "phi3":  # fused qkv/gate_up, partial rotary (as Phi-4-mini), LongRoPE
-        rot = int(16 * 0.75)
-        return tf.Phi3Config(**_COMMON, tie_word_embeddings=True, pad_token_id=0, rope_parameters={
+        rot = int(head_dim * 0.75)
+        return tf.Phi3Config(**common, tie_word_embeddings=True, pad_token_id=0, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
             "short_factor": [1.0 + 0.1 * i for i in range(rot // 2)],
             "long_factor": [1.5 + 0.5 * i for i in range(rot // 2)],
             "original_max_position_embeddings": PHI3_ORIGINAL_CONTEXT})
     if kind == "mistral_window":  # every layer windowed
-        return tf.MistralConfig(**_COMMON, sliding_window=WINDOW, head_dim=16)
+        return tf.MistralConfig(**common, sliding_window=WINDOW, head_dim=head_dim)
     raise AssertionError(kind)
 
 
 def save_tiny(kind: str, path, dtype=torch.float32, overrides: dict | None = None,
-              **save_kwargs):
+              head_dim: int = 16, **save_kwargs):
     """Random weights (norms and biases too, so a dropped or mis-offset one shows),
     saved with save_pretrained; returns the float32 transformers model."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    hf = AutoModelForCausalLM.from_config(tiny_config(kind, **(overrides or {}))).eval()
+    hf = AutoModelForCausalLM.from_config(tiny_config(kind, head_dim, **(overrides or {}))).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith(".bias") or "norm" in name:

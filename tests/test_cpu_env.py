@@ -134,9 +134,11 @@ def test_cli_flag_and_env(monkeypatch):
     assert p.parse_args([]).cpu_threads == 5
 
 
-@pytest.mark.parametrize("preset, torch_first, expected", [
-    (None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"), (None, True, "unset")])
-def test_openmp_wait_policy_set_before_torch_loads(preset, torch_first, expected):
+@pytest.mark.parametrize("preset, expected", [(None, "unset"), ("PASSIVE", "PASSIVE")])
+def test_openmp_wait_policy_is_left_to_the_environment(preset, expected):
+    """libgomp's default (spin, then sleep) is what an idle host rewards; busy hosts are
+    handled by lowering the thread count (cpu_governor), not by sleeping at every
+    region. An explicit policy is the user's."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -145,8 +147,7 @@ def test_openmp_wait_policy_set_before_torch_loads(preset, torch_first, expected
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import torch; " if torch_first else "") + (
-        "import os, pagedserve; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    code = "import os, pagedserve; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == expected

@@ -189,6 +189,8 @@ PAGEDSERVE_INLINE void prefetch_rows(const TKV* src, int rows, int d) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
+constexpr int kPrefetchAhead = 2;  // blocks; 1-4 measured, 2 and 3 best (docs/kernels.md)
+
 // Rows [t0, t1) of one block of one head, widened into `dst` ([rows, head_size]).
 template <typename TKV>
 PAGEDSERVE_INLINE void widen_rows(const TKV* src, int rows, int chunks, float* dst) {
@@ -223,15 +225,23 @@ PAGEDSERVE_INLINE void attend(const DecodeArgs& a, int item, Scratch& s) {
   float* scores = s.scores.data();
   float* rows = s.block.data();
 
+  // K and V rows of a block, requested kPrefetchAhead blocks before pass 1 reads its K
+  // (V is read in pass 2, from L2 by then): several blocks in flight keep the memory
+  // system busy where one block's arithmetic is too short to hide one block's misses.
+  auto prefetch_block = [&](int b) {
+    if (b * bs >= sp.end) return;
+    const int64_t row = (table[b] * block_rows + head_rows) * d;
+    prefetch_rows(static_cast<const TKV*>(a.key_cache) + row, bs, d);
+    prefetch_rows(static_cast<const TKV*>(a.value_cache) + row, bs, d);
+  };
+  for (int b = sp.first / bs; b < sp.first / bs + kPrefetchAhead; ++b) prefetch_block(b);
+
   // Pass 1: scores. Each block's K rows are widened once, then every query head of
   // the group takes its dot products from that float copy (in L1).
   for (int b = sp.first / bs; b * bs < sp.end; ++b) {
     const int t0 = std::max(sp.first, b * bs) - b * bs, t1 = std::min(sp.end, b * bs + bs) - b * bs;
     const TKV* kb = static_cast<const TKV*>(a.key_cache) + (table[b] * block_rows + head_rows + t0) * d;
-    if ((b + 1) * bs < sp.end)
-      prefetch_rows(static_cast<const TKV*>(a.key_cache) + (table[b + 1] * block_rows + head_rows) * d, bs, d);
-    else  // the last K block: the first V block is next
-      prefetch_rows(static_cast<const TKV*>(a.value_cache) + (table[sp.first / bs] * block_rows + head_rows) * d, bs, d);
+    prefetch_block(b + kPrefetchAhead);
     widen_rows(kb, t1 - t0, chunks, rows);
     float* out_scores = scores + (b * bs + t0 - sp.first);
     for (int g = 0; g < group; ++g) {
@@ -258,8 +268,6 @@ PAGEDSERVE_INLINE void attend(const DecodeArgs& a, int item, Scratch& s) {
   for (int b = sp.first / bs; b * bs < sp.end; ++b) {
     const int t0 = std::max(sp.first, b * bs) - b * bs, t1 = std::min(sp.end, b * bs + bs) - b * bs;
     const TKV* vb = static_cast<const TKV*>(a.value_cache) + (table[b] * block_rows + head_rows + t0) * d;
-    if ((b + 1) * bs < sp.end)
-      prefetch_rows(static_cast<const TKV*>(a.value_cache) + (table[b + 1] * block_rows + head_rows) * d, bs, d);
     widen_rows(vb, t1 - t0, chunks, rows);
     const float* probs = scores + (b * bs + t0 - sp.first);
     for (int g = 0; g < group; ++g) {

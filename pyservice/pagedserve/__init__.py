@@ -11,21 +11,9 @@ in torch and transformers.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-
-# OpenMP threads that finish a parallel region early wait for the others by spinning
-# (libgomp's default). When a core is shared with another busy process, a sibling thread
-# is descheduled for whole time slices while the rest spin on, and every one of the
-# thousands of parallel regions of a step pays for it (measured 12x slower). Passive
-# waiting sleeps instead. libgomp reads the variable once, when torch loads it, so this
-# only takes effect when pagedserve is imported before torch (pagedserve.cpu_env logs
-# which); an explicit OMP_WAIT_POLICY is kept.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "LLM": "pagedserve.llm",

@@ -179,14 +179,15 @@ _APPLIED: dict[str, CpuPlan] = {}
 
 def omp_wait_policy() -> str:
     """How torch's OpenMP threads wait: OMP_WAIT_POLICY as libgomp read it when torch
-    loaded (pagedserve/__init__ sets PASSIVE when it runs first; when torch came first,
-    only a value already in the environment, e.g. from the shell, counts)."""
+    loaded (a value in the environment; pagedserve sets none)."""
     return os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "default (spin, then sleep)"
 
 
 def configure_torch_threads(setting: int | None) -> CpuPlan:
     """Sizes torch's intra-op pool and logs one line saying what the engine uses. The
-    pool is process-wide: the last engine built in a process sets it."""
+    pool is process-wide: the last engine built in a process sets it. With `setting`
+    None the pool then follows the host's load (cpu_governor, started by the model
+    runner); an explicit setting stays fixed."""
     import torch
 
     plan = plan_cpu_threads(setting, current=torch.get_num_threads())
@@ -194,11 +195,8 @@ def configure_torch_threads(setting: int | None) -> CpuPlan:
         torch.set_num_threads(plan.threads)
     capability = torch.backends.cpu.get_cpu_capability()
     if _APPLIED.get("last") != plan:
-        wait = omp_wait_policy()
-        log.info("%s; torch kernels: %s; OpenMP wait policy: %s", plan.describe(), capability, wait)
-        if plan.threads > 1 and wait != "passive":
-            log.warning("OpenMP threads spin while they wait: on a host whose cores are busy "
-                        "with other work this can cost 5-10x; set OMP_WAIT_POLICY=PASSIVE "
-                        "before torch is imported (or import pagedserve first)")
+        follows = "fixed" if setting is not None else "fewer while other processes use these CPUs"
+        log.info("%s; torch kernels: %s; OpenMP wait policy: %s; threads: %s", plan.describe(),
+                 capability, omp_wait_policy(), follows)
     _APPLIED["last"] = plan
     return plan

@@ -21,12 +21,13 @@ from test_model_families import _chunked_logits  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 TOL = {torch.float32: 2e-3, torch.bfloat16: 0.25}
+GPU_HEAD_DIM = 64  # a head size the CUDA kernels are built for
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_logits_match_transformers_on_cuda(kind, dtype, tmp_path):
-    hf = save_tiny(kind, tmp_path)
+    hf = save_tiny(kind, tmp_path, head_dim=GPU_HEAD_DIM)
     runner = ModelRunner(EngineConfig(model=str(tmp_path), device="cuda", block_size=4,
                                       dtype=str(dtype).removeprefix("torch."),
                                       num_kv_blocks=200, swap_space_gb=0))
@@ -44,7 +45,7 @@ def test_logits_match_transformers_on_cuda(kind, dtype, tmp_path):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_greedy_generate_on_cuda_with_graphs(kind, tmp_path):
-    hf = save_tiny(kind, tmp_path)
+    hf = save_tiny(kind, tmp_path, head_dim=GPU_HEAD_DIM)
     g = torch.Generator().manual_seed(7)
     lens = [17, 23, 17, 31, 40, 19, 23, 28]
     assert min(lens) > max(PHI3_ORIGINAL_CONTEXT, WINDOW)

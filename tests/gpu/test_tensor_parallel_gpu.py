@@ -81,7 +81,7 @@ def test_throughput_benchmark_with_tensor_parallelism(model_dir):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_every_family_tp2_equals_tp1_and_transformers_on_nccl(kind, tmp_path):
     """TP=1 replays decode CUDA graphs, TP=2 runs eagerly: the same tokens either way."""
-    hf = save_tiny(kind, tmp_path, overrides=OVERRIDES.get(kind))
+    hf = save_tiny(kind, tmp_path, overrides=OVERRIDES.get(kind), head_dim=64)
     prompts = greedy_prompts()
     settings = dict(device="cuda", dtype="float32", block_size=4, num_kv_blocks=400,
                     swap_space_gb=0)

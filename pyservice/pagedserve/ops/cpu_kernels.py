@@ -61,15 +61,16 @@ def decode_attention(query, key_cache, value_cache, block_tables, context_lens, 
     if tables.dim() != 2 or tables.shape[0] != num_seqs or lens.shape != (num_seqs,):
         raise ValueError(f"block_tables {tuple(tables.shape)} and context_lens "
                          f"{tuple(lens.shape)} must have one row per query")
-    _cpu_kernels.paged_decode_attention(
-        out=out.data_ptr(), out_stride=_rows(out, "out"),
-        query=query.data_ptr(), query_stride=_rows(query, "query"),
-        io_dtype=_DTYPE_CODES[query.dtype],
-        key_cache=key_cache.data_ptr(), value_cache=value_cache.data_ptr(),
-        cache_dtype=_DTYPE_CODES[key_cache.dtype],
-        block_tables=tables.data_ptr(), block_table_stride=tables.stride(0),
-        context_lens=lens.data_ptr(), num_seqs=num_seqs, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size,
-        num_blocks=num_blocks, scale=float(scale), window=int(window or 0),
-        num_threads=torch.get_num_threads())
+    with torch.profiler.record_function("pagedserve::paged_decode_attention"):  # named in profiles
+        _cpu_kernels.paged_decode_attention(
+            out=out.data_ptr(), out_stride=_rows(out, "out"),
+            query=query.data_ptr(), query_stride=_rows(query, "query"),
+            io_dtype=_DTYPE_CODES[query.dtype],
+            key_cache=key_cache.data_ptr(), value_cache=value_cache.data_ptr(),
+            cache_dtype=_DTYPE_CODES[key_cache.dtype],
+            block_tables=tables.data_ptr(), block_table_stride=tables.stride(0),
+            context_lens=lens.data_ptr(), num_seqs=num_seqs, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size,
+            num_blocks=num_blocks, scale=float(scale), window=int(window or 0),
+            num_threads=torch.get_num_threads())
     return out

@@ -23,6 +23,7 @@ import torch
 from pagedserve import ops
 from pagedserve.config import EngineConfig
 from pagedserve.cpu_env import configure_torch_threads
+from pagedserve.cpu_governor import ThreadGovernor
 from pagedserve.engine.batch import SampleResult, ScheduledBatch, SeqWork
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.loader import (ModelSource, load_model, load_model_config,
@@ -78,6 +79,10 @@ class ModelRunner:
         # Before anything computes: torch's pool sized to the CPUs this process may use.
         self.cpu_plan = configure_torch_threads(config.cpu_threads)
         self.device = torch.device(config.device)
+        # Auto threads on CPU follow the host's load, read between steps.
+        self.cpu_governor = (ThreadGovernor(self.cpu_plan.threads)
+                             if self.device.type == "cpu" and config.cpu_threads is None
+                             and self.cpu_plan.threads > 1 else None)
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.source = source or resolve_model(config.model)
@@ -219,6 +224,8 @@ class ModelRunner:
         (PendingStep.results() waits), so the host can schedule the next step meanwhile.
         `previous`: the step before, still in flight, whose sampled tokens this batch's
         `feed_from_previous` decodes take as input, on the device."""
+        if self.cpu_governor is not None:
+            self.cpu_governor.poll()
         self._cache_ops(batch)
         if self.peers is not None:  # tensor parallel: the workers run this step too
             self.peers.begin(batch)
