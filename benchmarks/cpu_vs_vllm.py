@@ -46,7 +46,10 @@ import time
 from harness import CPU_MIX, cpu_description, random_requests, write_json
 
 VLLM_KV_SPACE_GIB = "2"
-OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+# Runtime settings each engine chooses for itself (pagedserve's import sets the last
+# one in this parent process too): never inherited by a child.
+OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+                 "THP_MEM_ALLOC_ENABLE")
 
 
 # ---------------------------------------------------------------- children
@@ -138,7 +141,7 @@ def _one_run(args, engine: str, dtype: str, workload_file: str, condition: str) 
         result_file = f.name
     cmd = [python, os.path.abspath(__file__), "--child", engine, "--dtype", dtype,
            "--model-dir", args.model_dir, "--workload", workload_file, "--result", result_file]
-    # Each engine at its own defaults: no OpenMP settings inherited from this shell (or
+    # Each engine at its own defaults: no OpenMP or allocator settings inherited from this shell (or
     # set by a sitecustomize at the child's start-up, which the child undoes first).
     env = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
     env["CPU_VS_VLLM_UNSET"] = ",".join(OMP_VARIABLES)

@@ -151,3 +151,33 @@ def test_openmp_wait_policy_is_left_to_the_environment(preset, expected):
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == expected
+
+
+@pytest.mark.parametrize("preset, torch_first, expected", [
+    (None, False, "1"), ("0", False, "0"), (None, True, "unset")])
+def test_huge_pages_asked_before_torch_allocates(preset, torch_first, expected):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if preset:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import torch; " if torch_first else "") + (
+        "import os, pagedserve; print(os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'))")
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == expected
+
+
+@pytest.mark.parametrize("asked, mode, expected", [
+    ("1", "always [madvise] never", "on (kernel madvise)"),
+    ("1", "always madvise [never]", "off (kernel never)"),
+    (None, "[always] madvise never", "off (THP_MEM_ALLOC_ENABLE unset; kernel always)")])
+def test_huge_pages_line(asked, mode, expected, tmp_path, monkeypatch):
+    f = tmp_path / "enabled"
+    f.write_text(mode + "\n")
+    if asked is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", asked)
+    assert cpu_env.huge_pages(str(f)) == expected

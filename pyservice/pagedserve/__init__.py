@@ -11,9 +11,22 @@ in torch and transformers.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# torch's CPU allocator backs every allocation of 2 MB or more (weights, the KV pool,
+# activations) with transparent huge pages when THP_MEM_ALLOC_ENABLE=1 is set before
+# its first allocation. The CPU decode kernel reads the pool in 2-4 KB blocks scattered
+# over it, and projections stream their weights: with 4 KB pages both miss the TLB at
+# every page (a two-level walk in a VM) and the prefetchers stop at every page edge.
+# Measured 6-13% end to end on one thread (docs/throughput_cpu.md). Only when pagedserve
+# is imported before torch (the start-up line says whether it took); an explicit value
+# is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _EXPORTS = {
     "LLM": "pagedserve.llm",

@@ -183,6 +183,18 @@ def omp_wait_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "default (spin, then sleep)"
 
 
+def huge_pages(thp_mode_path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> str:
+    """Whether torch's large CPU allocations get transparent huge pages: its switch
+    (THP_MEM_ALLOC_ENABLE, which pagedserve sets when imported before torch) and the
+    kernel's mode (`never` turns them off whatever torch asks)."""
+    asked = os.environ.get("THP_MEM_ALLOC_ENABLE", "") == "1"
+    text = _read(thp_mode_path) or ""
+    mode = text[text.find("[") + 1:text.find("]")] if "[" in text else "unknown"
+    if not asked:
+        return f"off (THP_MEM_ALLOC_ENABLE unset; kernel {mode})"
+    return ("on" if mode in ("always", "madvise") else "off") + f" (kernel {mode})"
+
+
 def configure_torch_threads(setting: int | None) -> CpuPlan:
     """Sizes torch's intra-op pool and logs one line saying what the engine uses. The
     pool is process-wide: the last engine built in a process sets it. With `setting`
@@ -196,7 +208,7 @@ def configure_torch_threads(setting: int | None) -> CpuPlan:
     capability = torch.backends.cpu.get_cpu_capability()
     if _APPLIED.get("last") != plan:
         follows = "fixed" if setting is not None else "fewer while other processes use these CPUs"
-        log.info("%s; torch kernels: %s; OpenMP wait policy: %s; threads: %s", plan.describe(),
-                 capability, omp_wait_policy(), follows)
+        log.info("%s; torch kernels: %s; OpenMP wait policy: %s; threads: %s; huge pages: %s",
+                 plan.describe(), capability, omp_wait_policy(), follows, huge_pages())
     _APPLIED["last"] = plan
     return plan
