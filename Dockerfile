@@ -39,9 +39,11 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
 # ---- runtime ------------------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${BASE_OS}
 
+# libgomp1: the OpenMP runtime pagedserve._cpu_kernels links (torch's own copy serves
+# when torch is loaded first, as pagedserve does; this one for anything else).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 pagedserve \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin pagedserve \
