@@ -123,3 +123,32 @@ def cpu_governor_plan(threads):
     from pagedserve.cpu_env import CpuPlan
 
     return CpuPlan(threads, "test", threads, None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_changing_the_pool_changes_no_result(dtype, tmp_path):
+    """The governor may resize the pool between any two steps, so a step's logits must
+    not depend on the thread count: the projections (oneDNN splits outputs, not sums),
+    the decode kernel (one thread per item) and the reductions (per row) all hold."""
+    import torch
+
+    from model_families import save_tiny
+    from test_model_families import _chunked_logits
+
+    from pagedserve import EngineConfig
+    from pagedserve.runner.model_runner import ModelRunner
+
+    save_tiny("qwen3", tmp_path, head_dim=64)  # head 64: the decode kernel's register path
+    runner = ModelRunner(EngineConfig(model=str(tmp_path), device="cpu", dtype=dtype, block_size=4,
+                                      num_kv_blocks=200, swap_space_gb=0, cpu_threads=2))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (150, 37, 20, 64)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _chunked_logits(runner, seqs)
+        torch.set_num_threads(2)
+        two = _chunked_logits(runner, seqs)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(one[i], two[i]) for i in one)

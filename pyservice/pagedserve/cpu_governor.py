@@ -15,7 +15,9 @@ between steps, it reads how much CPU time the machine's CPUs in this process's
 affinity were busy (/proc/stat, steal included) and how much of it was this process
 (/proc/self/stat, every thread of it), and sizes the pool to the CPUs the others left:
 round(CPUs - others' share), between 1 and the start-up plan (affinity and cgroup
-quota, cpu_env). An explicit `cpu_threads` is kept as given: no governor.
+quota, cpu_env). An explicit `cpu_threads` is kept as given: no governor. Resizing
+the pool between steps changes no result: a step's logits are bitwise the same at any
+thread count (tests/test_cpu_governor.py checks it).
 
 Everything that reads the machine takes its paths and clock as arguments, so tests
 drive it with fake /proc files and time.
