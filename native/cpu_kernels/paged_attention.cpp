@@ -56,29 +56,6 @@ PAGEDSERVE_INLINE void narrow(float x, bf16* dst) {
   *dst = static_cast<bf16>(bits >> 16);
 }
 
-// e^x for x <= 0 (a score minus the row's maximum), about 1 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by its Taylor series to r^7 (error < 5e-9), 2^n by exponent bits.
-// Written branch-free so `omp simd` loops vectorise it; below -87 it returns e^-87
-// (1.6e-38), which no float32 sum of probabilities can tell from zero. NaN stays NaN.
-PAGEDSERVE_INLINE float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504f - 0.5f));
-  // ln2 in two parts (Cody-Waite): r stays exact to float precision.
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // One thread's working memory, sized once per call.
 struct Scratch {
   std::vector<float> query;   // [group, head_size], scaled
@@ -134,7 +111,10 @@ PAGEDSERVE_INLINE float sum16(f32x16 v) {
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-// exp_nonpositive on 16 lanes at once (the same arithmetic, lane by lane).
+// e^x for x <= 0 (a score minus the row's maximum), about 1 ulp: x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by its Taylor series to r^7 (error < 5e-9), 2^n by exponent bits.
+// Written branch-free on 16 lanes (GCC's vector extension, below); below -87 it returns e^-87
+// (1.6e-38), which no float32 sum of probabilities can tell from zero. NaN stays NaN.
 PAGEDSERVE_INLINE f32x16 exp16_nonpositive(f32x16 x) {
   const f32x16 low = f32x16{} - 87.0f;
   x = x < low ? low : x;
@@ -153,6 +133,9 @@ PAGEDSERVE_INLINE f32x16 exp16_nonpositive(f32x16 x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+// One value through the same arithmetic (softmax tails, the plain-loop path).
+PAGEDSERVE_INLINE float exp_nonpositive(float x) { return exp16_nonpositive(f32x16{} + x)[0]; }
 
 // row[i] <- e^(row[i] - max(row)) for i < n; returns their sum. Whole chunks of 16 go
 // through the vector exp, the tail through the scalar one (the same function).
