@@ -194,10 +194,8 @@ def test_fast_decode_close_to_float64(dtype, tol, window):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("path", ["default", "sdpa"])
-def test_fast_prefill_close_to_float64(dtype, tol, path, monkeypatch):
-    if path == "sdpa":  # 16-bit groups otherwise take the matmul path
-        monkeypatch.setattr(cpu_attention, "_MATMUL_MAX_SCORES", 0)
+@pytest.mark.parametrize("window", [None, 7, 37])
+def test_fast_prefill_close_to_float64(dtype, tol, window):
     gen = torch.Generator().manual_seed(6)
     lens = [90, 17, 40, 33, 70, 16, 5, 64]   # tokens in cache after the step
     new = [90, 17, 9, 1, 70, 16, 5, 30]      # full prompts, chunks after a cached prefix, decode-like
@@ -206,8 +204,9 @@ def test_fast_prefill_close_to_float64(dtype, tol, path, monkeypatch):
     ctx = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(sum(new), 9, 64, dtype=torch.float64, generator=gen).to(dtype)
     kc, vc = kc.to(dtype), vc.to(dtype)
-    want = reference.prefill_attention(q.double(), kc.double(), vc.double(), bt, qsl, ctx, 0.125)
-    got = ops.prefill_attention(q, kc, vc, bt, qsl, ctx, 0.125)
+    want = reference.prefill_attention(q.double(), kc.double(), vc.double(), bt, qsl, ctx, 0.125,
+                                       window=window)
+    got = ops.prefill_attention(q, kc, vc, bt, qsl, ctx, 0.125, window=window)
     assert got.dtype == dtype and got.shape == q.shape
     assert rel_err(got, want) < tol
     for s in range(len(lens)):

@@ -1,8 +1,8 @@
 """Paged-attention and KV-cache ops, dispatched by device.
 
 CPU tensors run the compiled decode kernel (``cpu_kernels.py``: float32 and bfloat16,
-reading the pool in place), ``cpu_attention.py`` (prefill: length-grouped gathers and
-SDPA or batched matmuls), ``cpu_layer_ops.py`` (the element-wise layer ops, bitwise as the reference)
+reading the pool in place; ``cpu_attention.py`` runs prefill through it, each new token
+one query, and writes the KV cache), ``cpu_layer_ops.py`` (the element-wise layer ops, bitwise as the reference)
 and the torch reference (``reference.py``, also the float64 oracle of every test) for
 the cache ops; CUDA tensors run the
 kernels of cuda/ through the compiled ``pagedserve._cuda`` module or, when the
@@ -86,15 +86,16 @@ def prefill_attention(query, key_cache, value_cache, block_tables, query_start_l
                       scale: float, out=None, window: int | None = None):
     """out: optional contiguous tensor shaped like query to write into (returned).
     window: a sliding window (keys less than `window` positions back), any device."""
+    if query.device.type == "cpu":
+        return cpu_attention.prefill_attention(query, key_cache, value_cache, block_tables,
+                                               query_start_loc, context_lens, scale, out=out,
+                                               window=window)
     if window is not None:
         return sliding_window.prefill_attention(query, key_cache, value_cache, block_tables,
                                                 query_start_loc, context_lens, scale, window,
                                                 out=out)
-    if query.is_cuda:
-        return _cuda().prefill_attention(query, key_cache, value_cache, block_tables,
-                                         query_start_loc, context_lens, scale, out)
-    return cpu_attention.prefill_attention(query, key_cache, value_cache, block_tables,
-                                           query_start_loc, context_lens, scale, out=out)
+    return _cuda().prefill_attention(query, key_cache, value_cache, block_tables,
+                                     query_start_loc, context_lens, scale, out)
 
 
 def copy_blocks(key_caches: list, value_caches: list, block_mapping) -> None:
