@@ -259,6 +259,30 @@ def test_fast_path_follows_changed_inputs():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_fast_prefill_follows_changed_inputs():
+    """The per-token tables and lengths of a prefill are built once per step and reused
+    by its layers: a table, a length or a query boundary changed in place must be seen."""
+    gen = torch.Generator().manual_seed(10)
+    kc, vc, bt, _ = make_paged([40, 40], 16, 1, 16, gen=gen, share=False)
+    kc, vc = kc.float(), vc.float()
+    q = torch.randn(12, 2, 16, generator=gen)
+    qsl = torch.tensor([0, 5, 12], dtype=torch.int32)
+    ctx = torch.tensor([40, 40], dtype=torch.int32)
+
+    def check():
+        torch.testing.assert_close(ops.prefill_attention(q, kc, vc, bt, qsl, ctx, 0.5),
+                                   reference.prefill_attention(q, kc, vc, bt, qsl, ctx, 0.5),
+                                   rtol=1e-5, atol=1e-6)
+
+    check()
+    ctx[1] = 17
+    check()
+    qsl[1] = 8
+    check()
+    bt[0, :2] = bt[1, :2].clone()
+    check()
+
+
 def test_fast_path_out_strided_query_and_empty_contexts():
     gen = torch.Generator().manual_seed(9)
     kc, vc, bt, _ = make_paged([9, 30, 4], 8, 2, 16, gen=gen)
